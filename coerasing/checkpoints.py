@@ -1,0 +1,247 @@
+"""Checkpoints: atomic writes, strict UNet loading, resumable training state, run metadata.
+
+- ``unet.pth`` / ``unet_<iter>.pth``: a plain diffusers UNet state dict of CPU tensors, no
+  IP-Adapter key; loads with ``unet.load_state_dict(torch.load(p, weights_only=True), strict=True)``.
+- ``train_state.pt``: optimizer, iteration and RNG state of the newest periodic checkpoint, for
+  ``--resume``.
+- ``run.json``: resolved config, seed, library versions and git commit; ``loss.csv``: the loss log.
+Every file is written to a temporary name in the same folder and renamed into place, so a crash
+never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .errors import CoErasingError
+
+TRAIN_STATE = "train_state.pt"
+_PERIODIC = re.compile(r"^unet_(\d+)\.pth$")
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` and move ``tmp`` onto ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        write(tmp)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def unet_state_dict(unet: torch.nn.Module, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """CPU copy of ``unet``'s weights restricted to ``keys`` (the plain UNet's keys)."""
+    state = unet.state_dict()
+    if keys is not None:
+        missing = [key for key in keys if key not in state]
+        if missing:
+            raise RuntimeError(f"UNet lost {len(missing)} keys, e.g. {missing[:3]}")
+        state = {key: state[key] for key in keys}
+    return {key: value.detach().to("cpu", copy=True).contiguous() for key, value in state.items()}
+
+
+def save_unet(unet: torch.nn.Module, path: str | Path, keys: list[str] | None = None) -> Path:
+    """Atomically save a plain UNet state dict (see module docstring)."""
+    state = unet_state_dict(unet, keys)
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def _describe_keys(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{shown}{', …' if len(keys) > limit else ''} ({len(keys)} in all)"
+
+
+def read_unet_state_dict(path: str | Path, flag: str = "--unet_ckpt_path") -> dict[str, torch.Tensor]:
+    """Read a UNet state dict safely (``weights_only=True``), with clear errors."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CoErasingError(
+            f"{flag} {path} does not exist (or is not a file). Pass the unet.pth written by stage 1, "
+            "e.g. checkpoints/text/nudity/unet/unet.pth."
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - corrupt, truncated or pickled-code files alike
+        raise CoErasingError(
+            f"{flag} {path} could not be read as a weights-only PyTorch state dict ({exc}). It may be "
+            "truncated, or hold pickled objects other than tensors."
+        ) from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CoErasingError(
+            f"{flag} {path} does not hold a plain state dict of tensors (found {type(state).__name__}); "
+            "save it with torch.save(unet.state_dict(), path)."
+        )
+    return state
+
+
+def load_unet_weights(unet: torch.nn.Module, path: str | Path, flag: str = "--unet_ckpt_path") -> None:
+    """Load ``path`` into ``unet`` strictly; name missing, unexpected and mis-shaped keys."""
+    state = read_unet_state_dict(path, flag)
+    expected = unet.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    mis_shaped = [
+        f"{key} {tuple(state[key].shape)} vs {tuple(expected[key].shape)}"
+        for key in expected
+        if key in state and state[key].shape != expected[key].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_describe_keys(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_describe_keys(unexpected)}")
+    if mis_shaped:
+        problems.append(f"wrong shapes: {_describe_keys(mis_shaped, 3)}")
+    if problems:
+        raise CoErasingError(
+            f"{flag} {path} does not fit the UNet of --ckpt_path: {'; '.join(problems)}. Pass a full "
+            "UNet state dict saved from the same base model (SD v1.4/v1.5 for the default)."
+        )
+    unet.load_state_dict(state, strict=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training state for --resume
+
+
+def save_training_state(path: str | Path, state: dict[str, Any]) -> Path:
+    """Atomically save the resume state (optimizer, iteration, RNG states)."""
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_training_state(path: str | Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise CoErasingError(
+            f"the resume state {path} could not be read ({exc}). Delete it to start the run afresh."
+        ) from exc
+
+
+def latest_periodic_checkpoint(folder: str | Path) -> tuple[int, Path] | None:
+    """The newest ``unet_<iter>.pth`` in ``folder`` as (iteration, path), if any."""
+    found = []
+    for path in Path(folder).glob("unet_*.pth"):
+        match = _PERIODIC.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return max(found) if found else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Run metadata and loss log
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and the libraries a result depends on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "diffusers", "transformers", "accelerate", "safetensors", "numpy", "pillow"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    versions["cuda"] = str(torch.version.cuda)
+    return versions
+
+
+def git_commit(path: str | Path | None = None) -> str | None:
+    """The git commit of the code (with ``-dirty`` when modified), or ``None`` outside git."""
+    cwd = Path(path or Path(__file__).resolve().parent)
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd, capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}-dirty" if dirty else commit
+
+
+def write_run_json(folder: str | Path, config: dict[str, Any], **extra: Any) -> Path:
+    """Write ``run.json``: resolved config, versions, commit, command line, and ``extra``."""
+    payload = {
+        "config": config,
+        "versions": library_versions(),
+        "git_commit": git_commit(),
+        "command": sys.argv,
+        **extra,
+    }
+    return atomic_write_text(Path(folder) / "run.json", json.dumps(payload, indent=2, default=str) + "\n")
+
+
+class LossLog:
+    """Per-iteration loss log: ``loss.csv`` always, TensorBoard events when installed."""
+
+    FIELDS = ("iteration", "loss", "bucket", "timestep")
+
+    def __init__(self, folder: str | Path, logging_dir: str | Path | None = None, resume_from: int = 0):
+        self.path = Path(folder) / "loss.csv"
+        rows = []
+        if resume_from and self.path.exists():
+            with self.path.open(newline="") as handle:
+                rows = [row for row in csv.DictReader(handle) if int(row["iteration"]) <= resume_from]
+        atomic_write(self.path, lambda tmp: self._write_rows(tmp, rows))
+        self._handle = self.path.open("a", newline="")
+        self._writer = csv.DictWriter(self._handle, fieldnames=self.FIELDS)
+        self._tensorboard = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(str(logging_dir or Path(folder) / "log"))
+        except ImportError:
+            pass
+
+    def _write_rows(self, path: Path, rows: list[dict]) -> None:
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def log(self, iteration: int, loss: float, bucket: int, timestep: int) -> None:
+        self._writer.writerow({"iteration": iteration, "loss": f"{loss:.8g}", "bucket": bucket, "timestep": timestep})
+        if self._tensorboard is not None:
+            self._tensorboard.add_scalar("loss", loss, iteration)
+
+    def flush(self) -> None:
+        self._handle.flush()
+        if self._tensorboard is not None:
+            self._tensorboard.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()

@@ -1,0 +1,142 @@
+"""Reference images for stage 2: discovery, validation, seeded subset, CLIP preprocessing, embedding.
+
+Preprocessing is transformers' CLIP image processor (resize the short side, centre crop to the
+encoder's resolution, CLIP mean/std), as IP-Adapter was trained with; the released code
+normalised with mean 0.5 / std 0.5 instead.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import CoErasingError
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+DIFF_METHODS = ("diff", "l1", "l2")
+
+
+def clip_image_processor(image_size: int):
+    """transformers' CLIP image processor for an encoder of resolution ``image_size``."""
+    try:  # transformers >= 5 names the PIL backend explicitly (no torchvision needed)
+        from transformers import CLIPImageProcessorPil as Processor
+    except ImportError:  # pragma: no cover - older transformers
+        from transformers import CLIPImageProcessor as Processor
+    return Processor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+
+
+def list_image_files(source: str | Path, flag: str = "--image") -> list[Path]:
+    """Image files of a folder (sorted, non-recursive), or the single file given."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return [path]
+    if not path.exists():
+        raise CoErasingError(
+            f"{flag} {source} does not exist. Pass the folder written by generate_data.py, e.g. "
+            "generation_dataset/nudity, or a single image file."
+        )
+    if not path.is_dir():
+        raise CoErasingError(f"{flag} {source} is neither a file nor a folder.")
+    try:
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    except PermissionError as exc:
+        raise CoErasingError(f"{flag} {source} cannot be read ({exc}); check its permissions.") from exc
+    if not files:
+        raise CoErasingError(
+            f"{flag} {source} contains no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}). Generate "
+            "reference images first: python generate_data.py --label <concept>."
+        )
+    return files
+
+
+def choose_subset(files: list[Path], number: int, seed: int, flag: str = "--image") -> list[Path]:
+    """A seeded random subset of ``number`` files; all of them (with a warning) if fewer exist."""
+    if number >= len(files):
+        if number > len(files):
+            warnings.warn(
+                f"--image_number {number} is larger than the {len(files)} images in {flag}; using all "
+                f"{len(files)}.",
+                stacklevel=2,
+            )
+        return list(files)
+    return sorted(random.Random(seed).sample(list(files), number))
+
+
+def open_rgb(path: Path) -> Image.Image | None:
+    """Open an image as RGB, or ``None`` (with a warning) if it is unreadable."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        warnings.warn(f"skipping unreadable image {path}: {exc}", stacklevel=2)
+        return None
+
+
+def load_images(files: list[Path], flag: str = "--image") -> tuple[list[Path], list[Image.Image]]:
+    """Open every file; skip corrupt ones with a warning; fail if none is left."""
+    kept = [(path, image) for path in files if (image := open_rgb(path)) is not None]
+    if not kept:
+        raise CoErasingError(
+            f"none of the {len(files)} image file(s) from {flag} could be read (all corrupt or not "
+            "images). Regenerate them with generate_data.py."
+        )
+    return [p for p, _ in kept], [image for _, image in kept]
+
+
+@torch.no_grad()
+def encode_images(image_encoder, images: list[Image.Image], batch_size: int = 16) -> torch.Tensor:
+    """``e = E_img(x)``: projected CLIP image embeddings ``[N, E]`` (METHOD.md §5 step 1)."""
+    processor = clip_image_processor(image_encoder.config.image_size)
+    device, dtype = image_encoder.device, image_encoder.dtype
+    embeds = []
+    for start in range(0, len(images), batch_size):
+        pixels = processor(images=images[start : start + batch_size], return_tensors="pt").pixel_values
+        embeds.append(image_encoder(pixel_values=pixels.to(device, dtype)).image_embeds.float())
+    return torch.cat(embeds)
+
+
+def list_contrastive_pairs(source: str | Path) -> list[tuple[Path, Path]]:
+    """``--contrastive_image``: sub-folders each holding ``positive.<ext>`` and ``negative.<ext>``.
+
+    ``positive`` shows the concept, ``negative`` the same scene without it; sub-folders missing
+    either image are skipped with a warning.
+    """
+    root = Path(source).expanduser()
+    if not root.is_dir():
+        raise CoErasingError(
+            f"--contrastive_image {source} is not a folder. It must hold one sub-folder per pair, each "
+            "with positive.png (shows the concept) and negative.png (the same without it)."
+        )
+    pairs = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        found = {}
+        for role in ("positive", "negative"):
+            matches = [p for p in folder.iterdir() if p.stem == role and p.suffix.lower() in IMAGE_EXTENSIONS]
+            if matches:
+                found[role] = matches[0]
+        if len(found) == 2:
+            pairs.append((found["positive"], found["negative"]))
+        else:
+            warnings.warn(f"skipping {folder}: it lacks positive.png or negative.png", stacklevel=2)
+    if not pairs:
+        raise CoErasingError(
+            f"--contrastive_image {source} has no pair folder with both positive.png and negative.png."
+        )
+    return pairs
+
+
+def contrastive_embedding(positive: torch.Tensor, negative: torch.Tensor, method: str) -> torch.Tensor:
+    """The concept direction between paired embeddings: ``p − n``, ``|p − n|`` or ``(p − n)²``."""
+    difference = positive - negative
+    if method == "diff":
+        return difference
+    if method == "l1":
+        return difference.abs()
+    if method == "l2":
+        return difference.square()
+    raise CoErasingError(f"--diff_method {method!r} is not one of {', '.join(DIFF_METHODS)}.")

@@ -1,0 +1,242 @@
+"""Loading Stable Diffusion components from a Hub id or a local folder; device and dtype placement.
+
+Every size the rest of the package needs (latent channels and resolution, text width, image
+embedding width, image-encoder resolution) is read from the loaded models' configs, so the same
+code runs SD v1.4, SD v1.5 and the tiny offline test stack.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+
+from .errors import CoErasingError
+
+DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w. -]+)*$")
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices
+
+
+def parse_devices(spec: str | None) -> tuple[torch.device, torch.device]:
+    """``--devices`` → (device of the frozen models, device of the trainable UNet).
+
+    ``"0,1"``: frozen models on ``cuda:0``, trainable UNet on ``cuda:1``; one entry puts everything
+    on it; entries are GPU indices, ``cuda:N``, ``cpu`` or ``mps``. ``None``: ``cuda:0`` if present,
+    else CPU. A device that is not there is an error.
+    """
+    if spec is None or not str(spec).strip():
+        device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        return device, device
+    entries = [entry.strip() for entry in str(spec).split(",") if entry.strip()]
+    if not entries or len(entries) > 2:
+        raise CoErasingError(
+            f"--devices {spec!r} must name one or two devices, e.g. '0', '0,1', 'cuda:1' or 'cpu'."
+        )
+    devices = [_parse_device(entry, spec) for entry in entries]
+    return devices[0], devices[-1]
+
+
+def _parse_device(entry: str, spec: str) -> torch.device:
+    name = f"cuda:{entry}" if entry.isdigit() else entry
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise CoErasingError(
+            f"--devices {spec!r}: {entry!r} is not a device. Use GPU indices such as '0,1', or 'cpu'."
+        ) from exc
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = device.index or 0
+        if index >= count:
+            raise CoErasingError(
+                f"--devices {spec!r} asks for GPU {index}, but this machine has "
+                f"{count} CUDA GPU(s){' (none visible to PyTorch)' if count == 0 else ''}. Pass "
+                f"existing GPU indices (0..{count - 1}) or '--devices cpu'."
+                if count
+                else f"--devices {spec!r} asks for GPU {index}, but PyTorch sees no CUDA GPU on this "
+                "machine. Run with '--devices cpu' (slow), or check CUDA_VISIBLE_DEVICES and that the "
+                "CUDA build of torch is installed."
+            )
+        return torch.device("cuda", index)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CoErasingError(f"--devices {spec!r}: MPS is not available here; use 'cpu'.")
+    return device
+
+
+def resolve_dtype(mixed_precision: str | None, device: torch.device) -> torch.dtype:
+    """The dtype of frozen models for ``--mixed_precision`` (fp32 for ``no``)."""
+    return DTYPES[mixed_precision or "no"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Hub ids and local folders
+
+
+def is_hub_id(spec: str) -> bool:
+    """Whether ``spec`` looks like ``owner/repo[/sub/path]`` (and is not a local path)."""
+    return bool(_HUB_ID.match(spec)) and not spec.startswith((".", "/", "~"))
+
+
+def split_hub_path(spec: str) -> tuple[str, str]:
+    """``owner/repo/sub/path`` → (``owner/repo``, ``sub/path``)."""
+    parts = spec.split("/")
+    return "/".join(parts[:2]), "/".join(parts[2:])
+
+
+def _offline_help(spec: str, flag: str) -> str:
+    return (
+        f"Could not load {flag} {spec}: it is not a local folder here and it could not be fetched "
+        "from the Hugging Face Hub (no network, HF_HUB_OFFLINE=1, or no access). Download it once "
+        f"where you have network (`huggingface-cli download {split_hub_path(spec)[0]} --local-dir "
+        f"DIR`) and pass {flag} with that local folder."
+    )
+
+
+def hub_file(repo_id: str, filename: str, flag: str) -> Path:
+    """Download (or find in the cache) one file of a Hub repo; a clear error when offline."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, filename))
+    except Exception as exc:  # noqa: BLE001 - network, auth and missing files alike
+        raise CoErasingError(_offline_help(f"{repo_id}/{filename}", flag) + f" ({type(exc).__name__})") from exc
+
+
+def check_model_path(spec: str, flag: str = "--ckpt_path") -> None:
+    """Fail early for a model path that is neither a folder nor a Hub id."""
+    path = Path(spec).expanduser()
+    if path.exists() and not path.is_dir():
+        raise CoErasingError(
+            f"{flag} {spec} is a file; it must be a diffusers model folder (with model_index.json, "
+            "unet/, text_encoder/, tokenizer/, vae/, scheduler/) or a Hub id such as "
+            f"{DEFAULT_MODEL}."
+        )
+    if not path.is_dir() and not is_hub_id(spec):
+        raise CoErasingError(
+            f"{flag} {spec} is neither a local folder nor a Hugging Face Hub id. Pass the folder of a "
+            f"diffusers Stable Diffusion model (e.g. a local copy of {DEFAULT_MODEL}) or its Hub id."
+        )
+
+
+def _from_pretrained(cls: Any, spec: str, subfolder: str | None, flag: str, **kwargs: Any) -> Any:
+    check_model_path(spec, flag)
+    local = Path(spec).expanduser()
+    source = str(local) if local.is_dir() else spec
+    extra = {"subfolder": subfolder} if subfolder else {}
+    try:
+        return cls.from_pretrained(source, **extra, **kwargs)
+    except (OSError, ValueError) as exc:
+        if local.is_dir():
+            where = local / subfolder if subfolder else local
+            raise CoErasingError(
+                f"{flag} {spec}: could not load {cls.__name__} from {where} ({exc}). The folder must "
+                "be in diffusers layout (model_index.json, unet/, text_encoder/, tokenizer/, vae/, "
+                "scheduler/)."
+            ) from exc
+        raise CoErasingError(_offline_help(spec, flag)) from exc
+
+
+# ----------------------------------------------------------------------------------------------
+# Components
+
+
+@dataclass
+class TextComponents:
+    """Tokenizer and text encoder of a Stable Diffusion model."""
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+
+    @torch.no_grad()
+    def encode(self, prompts: str | list[str]) -> torch.Tensor:
+        """CLIP text states ``[B, 77, d]`` (the UNet's ``encoder_hidden_states``)."""
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        return self.text_encoder(ids.to(self.text_encoder.device))[0]
+
+
+def load_text_components(ckpt_path: str, device: torch.device, dtype: torch.dtype) -> TextComponents:
+    """Load the tokenizer and frozen text encoder of ``ckpt_path``."""
+    tokenizer = _from_pretrained(CLIPTokenizer, ckpt_path, "tokenizer", "--ckpt_path")
+    text_encoder = _from_pretrained(CLIPTextModel, ckpt_path, "text_encoder", "--ckpt_path", dtype=dtype)
+    text_encoder.requires_grad_(False).eval().to(device)
+    return TextComponents(tokenizer, text_encoder)
+
+
+def load_unet(ckpt_path: str, device: torch.device, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
+    """Load the UNet of ``ckpt_path`` on ``device``."""
+    unet = _from_pretrained(UNet2DConditionModel, ckpt_path, "unet", "--ckpt_path", torch_dtype=dtype)
+    return unet.to(device)
+
+
+def load_unet_config(ckpt_path: str) -> dict:
+    """Only the UNet config (no weights), e.g. to check ``--train_method`` before loading."""
+    check_model_path(ckpt_path)
+    local = Path(ckpt_path).expanduser()
+    try:
+        source = str(local) if local.is_dir() else ckpt_path
+        return dict(UNet2DConditionModel.load_config(source, subfolder="unet"))
+    except (OSError, ValueError) as exc:
+        if local.is_dir():
+            raise CoErasingError(
+                f"--ckpt_path {ckpt_path} has no readable unet/config.json ({exc}); it must be a "
+                "diffusers Stable Diffusion folder."
+            ) from exc
+        raise CoErasingError(_offline_help(ckpt_path, "--ckpt_path")) from exc
+
+
+def load_scheduler_config(ckpt_path: str) -> dict:
+    """The model's scheduler config (``scheduler/scheduler_config.json``)."""
+    from diffusers import DDPMScheduler
+
+    local = Path(ckpt_path).expanduser()
+    source = str(local) if local.is_dir() else ckpt_path
+    try:
+        return dict(DDPMScheduler.load_config(source, subfolder="scheduler"))
+    except (OSError, ValueError) as exc:
+        raise CoErasingError(
+            f"--ckpt_path {ckpt_path}: no readable scheduler/scheduler_config.json ({exc})."
+        ) from exc
+
+
+def load_image_encoder(spec: str, device: torch.device, dtype: torch.dtype) -> CLIPVisionModelWithProjection:
+    """Load the frozen IP-Adapter image encoder from a local folder or ``owner/repo/sub/folder``."""
+    local = Path(spec).expanduser()
+    if local.is_dir():
+        source, subfolder = str(local), None
+    elif is_hub_id(spec):
+        source, subfolder = split_hub_path(spec)
+    else:
+        raise CoErasingError(
+            f"--image_encoder_path {spec} is neither a local folder nor a Hub path. Pass the folder "
+            "of the IP-Adapter image encoder (h94/IP-Adapter models/image_encoder)."
+        )
+    try:
+        encoder = CLIPVisionModelWithProjection.from_pretrained(
+            source, **({"subfolder": subfolder} if subfolder else {}), dtype=dtype
+        )
+    except (OSError, ValueError) as exc:
+        if local.is_dir():
+            raise CoErasingError(
+                f"--image_encoder_path {spec}: could not load a CLIP vision model with projection "
+                f"({exc})."
+            ) from exc
+        raise CoErasingError(_offline_help(spec, "--image_encoder_path")) from exc
+    return encoder.requires_grad_(False).eval().to(device)
+

@@ -1,0 +1,373 @@
+"""One erasing loop for both stages (METHOD.md §4 text erasing, §5 Co-Erasing).
+
+A stage is only *which conditioning* the concept gets: stage 1 uses the text states ``c`` of an
+erase prompt; stage 2 adds the image tokens ``c_img`` of a reference image (through the frozen
+IP-Adapter), optionally refined by text (§5 step 2), perturbed (step 3), and a blurred latent
+(step 5). Everything else—partial denoising, the negative-guidance target, the loss and the Adam
+step on the ``--train_method`` parameters—is shared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from . import checkpoints as ckpt
+from .config import EraseConfig
+from .errors import CoErasingError, NonFiniteLossError
+from .images import (
+    choose_subset,
+    contrastive_embedding,
+    encode_images,
+    list_contrastive_pairs,
+    list_image_files,
+    load_images,
+)
+from .ip_adapter import IPAdapterHandle, attach_ip_adapter, load_ip_adapter_state_dict, unet_noise_pred
+from .models import (
+    TextComponents,
+    load_image_encoder,
+    load_scheduler_config,
+    load_text_components,
+    load_unet,
+    load_unet_config,
+    parse_devices,
+    resolve_dtype,
+)
+from .objectives import (
+    blur_latents,
+    erasing_loss,
+    negative_guidance_target,
+    perturb_image_tokens,
+    refine_image_tokens,
+)
+from .params import select_parameter_names, select_parameters
+from .sampling import denoise_to_bucket, make_sampling_scheduler, sample_bucket
+
+logger = logging.getLogger(__name__)
+
+# Settings that must not change between an interrupted run and its --resume.
+_RESUME_FIXED = (
+    "modality", "train_method", "prompt", "lr", "ckpt_path", "unet_ckpt_path", "negative_guidance",
+    "image", "contrastive_image", "image_number", "noise_factor", "blur_factor", "seed", "text_uncond",
+    "text_guide", "num_inference_steps", "sampler", "sampling_guidance", "diff_method", "use_average",
+    "contrastive_size", "mixed_precision",
+)
+
+
+def _randint(high: int, generator: torch.Generator) -> int:
+    return int(torch.randint(high, (1,), generator=generator))
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2 conditioning: image tokens of the concept
+
+
+class ConceptImageTokens:
+    """Draws ``c_img`` for one iteration (§5 steps 1-3) from precomputed image embeddings."""
+
+    def __init__(
+        self,
+        handle: IPAdapterHandle,
+        embeds: torch.Tensor,
+        negatives: torch.Tensor | None,
+        config: EraseConfig,
+        guide_states: torch.Tensor | None,
+    ) -> None:
+        self.handle = handle
+        self.config = config
+        self.guide_states = guide_states
+        self.negatives = negatives
+        if negatives is None:  # direct images: project and refine every image once, up front
+            self.embeds = None
+            self.tokens = self._refine(handle.project(embeds))
+        else:  # contrastive pairs: the concept direction is drawn per iteration
+            self.embeds = embeds
+            self.tokens = None
+            if config.use_average:
+                mean = contrastive_embedding(embeds, negatives, config.diff_method).mean(0, keepdim=True)
+                self.tokens = self._refine(handle.project(mean))
+
+    def _refine(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.guide_states is None:
+            return tokens
+        return refine_image_tokens(tokens, self.guide_states.to(tokens.device, tokens.dtype))
+
+    def __len__(self) -> int:
+        return len(self.tokens) if self.embeds is None else len(self.embeds)
+
+    def sample(self, generator: torch.Generator) -> torch.Tensor:
+        """``c_img`` of one reference image (or pair), ``[1, N, d]``."""
+        if self.tokens is not None:  # one projected image (or the averaged pair direction)
+            tokens = self.tokens[_randint(len(self.tokens), generator)][None]
+        else:
+            size = min(self.config.contrastive_size, len(self.embeds))
+            order = torch.randperm(len(self.embeds), generator=generator)[:size]
+            direction = contrastive_embedding(
+                self.embeds[order].mean(0, keepdim=True),
+                self.negatives[order].mean(0, keepdim=True),
+                self.config.diff_method,
+            )
+            tokens = self._refine(self.handle.project(direction))
+        return perturb_image_tokens(tokens, self.config.noise_factor, generator)
+
+
+def _build_image_tokens(
+    config: EraseConfig, text: TextComponents, handle: IPAdapterHandle, device: torch.device, dtype: torch.dtype
+) -> ConceptImageTokens:
+    encoder = load_image_encoder(config.image_encoder_path, device, dtype)
+    negatives = None
+    if config.image is not None:
+        files = choose_subset(list_image_files(config.image), config.image_number, config.seed)
+        _, images = load_images(files)
+        embeds = encode_images(encoder, images)
+        logger.info("encoded %d reference images from %s", len(images), config.image)
+    else:
+        pairs = list_contrastive_pairs(config.contrastive_image)
+        if config.image_number < len(pairs):
+            pairs = sorted(random.Random(config.seed).sample(pairs, config.image_number))
+        _, positives = load_images([p for p, _ in pairs], "--contrastive_image")
+        _, negative_images = load_images([n for _, n in pairs], "--contrastive_image")
+        if len(positives) != len(negative_images):
+            raise CoErasingError("--contrastive_image: some pair images are unreadable; fix or remove those pairs.")
+        embeds, negatives = encode_images(encoder, positives), encode_images(encoder, negative_images)
+    del encoder
+    guide = text.encode(config.text_guide) if config.text_guide else None
+    return ConceptImageTokens(handle, embeds.to(device), negatives, config, guide)
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer
+
+
+@dataclass
+class Models:
+    """The trainable UNet ε_θ, its frozen reference ε*, and what conditions them."""
+
+    trainable: torch.nn.Module
+    frozen: torch.nn.Module
+    text: TextComponents
+    plain_keys: list[str]
+    train_device: torch.device
+    frozen_device: torch.device
+    frozen_dtype: torch.dtype
+    train_handle: IPAdapterHandle | None = None
+    frozen_handle: IPAdapterHandle | None = None
+
+
+def check_train_method_before_loading(config: EraseConfig) -> None:
+    """Report a ``--train_method`` that selects nothing before any weight is loaded (§6)."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    with init_empty_weights():
+        skeleton = UNet2DConditionModel.from_config(load_unet_config(config.ckpt_path))
+    select_parameter_names((name for name, _ in skeleton.named_parameters()), config.train_method)
+
+
+def load_models(config: EraseConfig) -> Models:
+    """Load ε_θ (fp32, train device) and ε* (frozen device, frozen dtype), both from the same weights."""
+    frozen_device, train_device = parse_devices(config.devices)
+    frozen_dtype = resolve_dtype(config.mixed_precision, frozen_device)
+    check_train_method_before_loading(config)
+    trainable = load_unet(config.ckpt_path, torch.device("cpu"))
+    if config.unet_ckpt_path:
+        ckpt.load_unet_weights(trainable, config.unet_ckpt_path)
+        logger.info("loaded UNet weights from %s", config.unet_ckpt_path)
+    frozen = copy.deepcopy(trainable).to(frozen_device).requires_grad_(False).eval()
+    if frozen_dtype != torch.float32:
+        frozen.to(dtype=frozen_dtype)
+    trainable.to(train_device).train()
+    text = load_text_components(config.ckpt_path, frozen_device, frozen_dtype)
+    return Models(
+        trainable=trainable,
+        frozen=frozen,
+        text=text,
+        plain_keys=list(trainable.state_dict()),
+        train_device=train_device,
+        frozen_device=frozen_device,
+        frozen_dtype=frozen_dtype,
+    )
+
+
+class Eraser:
+    """Runs ``config.iterations`` erasing steps with checkpoints, logging and resume."""
+
+    def __init__(self, config: EraseConfig) -> None:
+        self.config = config.validate()
+        self.folder = config.run_folder()
+        torch.manual_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.models = load_models(config)
+        models = self.models
+        self.parameters = select_parameters(models.trainable, config.train_method)
+        self.optimizer = torch.optim.Adam(self.parameters, lr=config.lr)
+        self.scheduler = make_sampling_scheduler(
+            load_scheduler_config(config.ckpt_path), config.sampler, config.num_inference_steps
+        )
+        unet_config = models.trainable.config
+        size = unet_config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        self.latent_shape = (1, unet_config.in_channels, *size)
+        self.num_train_timesteps = self.scheduler.config.num_train_timesteps
+
+        text = models.text
+        self.prompt_states = [text.encode(prompt) for prompt in config.prompts]
+        self.uncond_states = text.encode("")
+        self.image_tokens: ConceptImageTokens | None = None
+        if config.image_stage:
+            ip_state = load_ip_adapter_state_dict(config.ip_adapter)
+            models.train_handle = attach_ip_adapter(models.trainable, ip_state)
+            models.frozen_handle = attach_ip_adapter(models.frozen, ip_state)
+            self.image_tokens = _build_image_tokens(
+                config, text, models.frozen_handle, models.frozen_device, models.frozen_dtype
+            )
+
+    # -- one iteration ----------------------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.config.mixed_precision == "no":
+            return contextlib.nullcontext()
+        dtype = resolve_dtype(self.config.mixed_precision, self.models.train_device)
+        return torch.autocast(self.models.train_device.type, dtype=dtype)
+
+    def _sampling_fn(self, text_states: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """ε_θ for the partial trajectory: text only, optional classifier-free guidance (§4 step 3)."""
+        unet, guidance = self.models.trainable, self.config.sampling_guidance
+        uncond = self.uncond_states.to(text_states.device, text_states.dtype)
+
+        def noise_pred(latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+            with self._autocast():
+                if guidance == 1.0:
+                    return unet(latents, timestep, encoder_hidden_states=text_states).sample.float()
+                both = unet(
+                    latents.repeat(2, 1, 1, 1), timestep, encoder_hidden_states=torch.cat([uncond, text_states])
+                ).sample.float()
+            eps_u, eps_c = both.chunk(2)
+            return eps_u + guidance * (eps_c - eps_u)
+
+        return noise_pred
+
+    def step(self) -> tuple[torch.Tensor, int, int]:
+        """One erasing iteration; returns (loss, bucket k, timestep t) before the optimizer step."""
+        config, models, generator = self.config, self.models, self.generator
+        train_device, frozen_device, frozen_dtype = models.train_device, models.frozen_device, models.frozen_dtype
+        prompt_states = self.prompt_states[_randint(len(self.prompt_states), generator)]
+        image_tokens = self.image_tokens.sample(generator) if self.image_tokens is not None else None
+
+        k, t = sample_bucket(config.num_inference_steps, self.num_train_timesteps, generator)
+        latents = torch.randn(self.latent_shape, generator=generator).to(train_device)
+        text_states = prompt_states.to(train_device, torch.float32)
+        latents = denoise_to_bucket(self._sampling_fn(text_states), latents, self.scheduler, k, generator)
+        if config.image_stage:
+            latents = blur_latents(latents, config.blur_factor)
+
+        with torch.no_grad():
+            z = latents.to(frozen_device, frozen_dtype)
+            t_frozen = torch.tensor([t], device=frozen_device)
+            cond = prompt_states.to(frozen_device, frozen_dtype)
+            uncond = self.uncond_states.to(frozen_device, frozen_dtype)
+            eps_c = unet_noise_pred(models.frozen, z, t_frozen, cond, image_tokens, models.frozen_handle)
+            uncond_tokens = None if config.text_uncond else image_tokens
+            eps_u = unet_noise_pred(models.frozen, z, t_frozen, uncond, uncond_tokens, models.frozen_handle)
+            target = negative_guidance_target(eps_u.float(), eps_c.float(), config.negative_guidance)
+
+        with self._autocast():
+            noise_pred = unet_noise_pred(
+                models.trainable, latents, torch.tensor([t], device=train_device), text_states,
+                image_tokens, models.train_handle,
+            )
+        return erasing_loss(noise_pred, target.to(train_device)), k, t
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def _save_periodic(self, iteration: int) -> None:
+        ckpt.save_unet(self.models.trainable, self.folder / f"unet_{iteration}.pth", self.models.plain_keys)
+        state = {
+            "iteration": iteration,
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "config": {key: getattr(self.config, key) for key in _RESUME_FIXED},
+        }
+        ckpt.save_training_state(self.folder / ckpt.TRAIN_STATE, state)
+
+    def _resume(self) -> int:
+        state_path = self.folder / ckpt.TRAIN_STATE
+        if not state_path.exists():
+            warnings.warn(f"--resume: no {ckpt.TRAIN_STATE} in {self.folder}; starting from iteration 0.", stacklevel=2)
+            return 0
+        state = ckpt.load_training_state(state_path)
+        changed = [
+            f"{key} ({state['config'].get(key)!r} → {getattr(self.config, key)!r})"
+            for key in _RESUME_FIXED
+            if state["config"].get(key) != getattr(self.config, key)
+        ]
+        if changed:
+            raise CoErasingError(
+                f"--resume: the run in {self.folder} was started with other settings: {', '.join(changed)}. "
+                "Resume with the original settings, or pass another --save_path to start a new run."
+            )
+        iteration = int(state["iteration"])
+        ckpt.load_unet_weights(self.models.trainable, self.folder / f"unet_{iteration}.pth", "--resume checkpoint")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        print(f"resuming {self.folder} from iteration {iteration}")
+        return iteration
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> Path:
+        """Train, writing ``unet_<iter>.pth`` every ``--save_iter`` and ``unet.pth`` at the end."""
+        config = self.config
+        self.folder.mkdir(parents=True, exist_ok=True)
+        start = self._resume() if config.resume else 0
+        ckpt.write_run_json(self.folder, config.to_dict(), status="running", started_at_iteration=start)
+        log = ckpt.LossLog(self.folder, config.logging_dir, resume_from=start)
+        progress = tqdm(range(start, config.iterations), initial=start, total=config.iterations,
+                        desc=f"erasing ({config.modality})", dynamic_ncols=True)
+        try:
+            for index in progress:
+                iteration = index + 1
+                loss, k, t = self.step()
+                loss_value = loss.item()
+                if not torch.isfinite(loss):
+                    last = ckpt.latest_periodic_checkpoint(self.folder)
+                    raise NonFiniteLossError(
+                        f"the loss became {loss_value} at iteration {iteration}; training stopped before "
+                        f"that step was applied. Last good checkpoint: {last[1] if last else 'none yet'}. "
+                        "Lower --lr, or use --mixed_precision no if it was on."
+                    )
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                log.log(iteration, loss_value, k, t)
+                progress.set_postfix(loss=f"{loss_value:.4g}")
+                if iteration % config.save_iter == 0 and iteration < config.iterations:
+                    log.flush()
+                    self._save_periodic(iteration)
+            log.flush()
+            if config.iterations % config.save_iter == 0:
+                self._save_periodic(config.iterations)
+            final = ckpt.save_unet(self.models.trainable, self.folder / "unet.pth", self.models.plain_keys)
+        finally:
+            log.close()
+        ckpt.write_run_json(self.folder, config.to_dict(), status="finished", started_at_iteration=start,
+                            final_checkpoint=str(final))
+        print(f"saved {final}")
+        return final
+
+
+def erase(config: EraseConfig) -> Path:
+    """Run one erasing stage end to end; returns the path of the final ``unet.pth``."""
+    return Eraser(config).run()
