@@ -1,0 +1,80 @@
+"""Checkpoints: atomic writes, strict plain-UNet state dicts, clear errors on mismatches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+from coerasing import checkpoints as ckpt
+from coerasing.errors import CoErasingError
+from coerasing.ip_adapter import attach_ip_adapter, load_ip_adapter_state_dict
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "unet.pth"
+    target.write_text("old")
+
+    def failing(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        ckpt.atomic_write(target, failing)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["unet.pth"]
+
+
+def test_saved_unet_loads_strictly_into_a_plain_pipeline_and_generates(tiny_stack, tmp_path):
+    unet = UNet2DConditionModel.from_pretrained(tiny_stack.sd_path / "unet")
+    attach_ip_adapter(unet, load_ip_adapter_state_dict(str(tiny_stack.ip_adapter_bin)))
+    with torch.no_grad():
+        unet.conv_in.weight.add_(0.5)
+    path = ckpt.save_unet(unet, tmp_path / "unet.pth", list(unet.state_dict()))
+    state = torch.load(path, weights_only=True)
+    assert all(t.device.type == "cpu" for t in state.values())
+    assert not any("_ip" in key for key in state)
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_stack.sd_path, safety_checker=None)
+    pipe.unet.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    assert torch.equal(pipe.unet.conv_in.weight, unet.conv_in.weight)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a photo", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+
+
+def test_load_errors_name_the_problem(tiny_stack, tmp_path):
+    unet = UNet2DConditionModel.from_pretrained(tiny_stack.sd_path / "unet")
+    state = unet.state_dict()
+    partial = dict(state)
+    partial.pop("conv_in.weight")
+    partial["extra.weight"] = torch.zeros(1)
+    torch.save(partial, tmp_path / "partial.pth")
+    with pytest.raises(CoErasingError, match=r"missing keys: conv_in.weight.*unexpected keys: extra.weight"):
+        ckpt.load_unet_weights(unet, tmp_path / "partial.pth")
+    wrong = dict(state)
+    wrong["conv_in.bias"] = torch.zeros(3)
+    torch.save(wrong, tmp_path / "wrong.pth")
+    with pytest.raises(CoErasingError, match="wrong shapes: conv_in.bias"):
+        ckpt.load_unet_weights(unet, tmp_path / "wrong.pth")
+    with pytest.raises(CoErasingError, match="does not exist"):
+        ckpt.load_unet_weights(unet, tmp_path / "nope.pth")
+    (tmp_path / "garbage.pth").write_bytes(b"\x00garbage")
+    with pytest.raises(CoErasingError, match="could not be read"):
+        ckpt.load_unet_weights(unet, tmp_path / "garbage.pth")
+
+
+def test_latest_periodic_checkpoint(tmp_path):
+    assert ckpt.latest_periodic_checkpoint(tmp_path) is None
+    for name in ("unet_5.pth", "unet_20.pth", "unet_100.pth", "unet.pth", "unet_x.pth"):
+        (tmp_path / name).write_bytes(b"")
+    assert ckpt.latest_periodic_checkpoint(tmp_path) == (100, tmp_path / "unet_100.pth")
+
+
+def test_run_json_records_versions(tmp_path):
+    import json
+
+    ckpt.write_run_json(tmp_path, {"seed": 3})
+    data = json.loads((tmp_path / "run.json").read_text())
+    assert data["config"] == {"seed": 3}
+    assert data["versions"]["torch"].startswith("2.") and "diffusers" in data["versions"]
