@@ -48,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance of the partial denoising (1 = conditional only)")
     g = p.add_argument_group("models and devices")
     g.add_argument("--ckpt_path", default=D.ckpt_path, help="base SD model: Hub id or local diffusers folder")
-    g.add_argument("--unet_ckpt_path", default=D.unet_ckpt_path, help="UNet weights to start from (stage 1's unet.pth)")
+    g.add_argument("--unet_ckpt_path", default=D.unet_ckpt_path,
+                   help="UNet weights to start from: stage 1's unet.pth, a full diffusers state dict "
+                   "(.pt/.pth/.bin, e.g. ESD's), a released Co-Erasing checkpoint, ESD's partial .safetensors, "
+                   "or a diffusers UNet folder")
     g.add_argument("--ip_adapter", default=D.ip_adapter, help="IP-Adapter file, h94-like folder or Hub path")
     g.add_argument("--image_encoder_path", default=D.image_encoder_path,
                    help="IP-Adapter image encoder folder or Hub path")
@@ -72,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("outputs")
     g.add_argument("--output_dir", default=D.output_dir, help="root of the default checkpoint folders")
     g.add_argument("--save_path", default=D.save_path, help="checkpoint folder (overrides the default layout)")
+    g.add_argument("--save_format", default=D.save_format,
+                   help="final checkpoint formats, comma-separated: pth, safetensors, diffusers (pth always)")
     g.add_argument("--save_iter", type=int, default=D.save_iter, help="write unet_<iter>.pth every N iterations")
     g.add_argument("--logging_dir", default=D.logging_dir, help="TensorBoard folder (default: <save folder>/log)")
     g.add_argument("--resume", action="store_true", default=D.resume,

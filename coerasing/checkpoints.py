@@ -2,6 +2,7 @@
 
 - ``unet.pth`` / ``unet_<iter>.pth``: a plain diffusers UNet state dict of CPU tensors, no
   IP-Adapter key; loads with ``unet.load_state_dict(torch.load(p, weights_only=True), strict=True)``.
+  (Reading checkpoints, ours and other tools', is :mod:`coerasing.formats`.)
 - ``train_state.pt``: optimizer, iteration and RNG state of the newest periodic checkpoint, for
   ``--resume``.
 - ``run.json``: resolved config, seed, library versions and git commit; ``loss.csv``: the loss log.
@@ -73,60 +74,6 @@ def save_unet(unet: torch.nn.Module, path: str | Path, keys: list[str] | None = 
     """Atomically save a plain UNet state dict (see module docstring)."""
     state = unet_state_dict(unet, keys)
     return atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
-def _describe_keys(keys: list[str], limit: int = 5) -> str:
-    shown = ", ".join(keys[:limit])
-    return f"{shown}{', …' if len(keys) > limit else ''} ({len(keys)} in all)"
-
-
-def read_unet_state_dict(path: str | Path, flag: str = "--unet_ckpt_path") -> dict[str, torch.Tensor]:
-    """Read a UNet state dict safely (``weights_only=True``), with clear errors."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CoErasingError(
-            f"{flag} {path} does not exist (or is not a file). Pass the unet.pth written by stage 1, "
-            "e.g. checkpoints/text/nudity/unet/unet.pth."
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - corrupt, truncated or pickled-code files alike
-        raise CoErasingError(
-            f"{flag} {path} could not be read as a weights-only PyTorch state dict ({exc}). It may be "
-            "truncated, or hold pickled objects other than tensors."
-        ) from exc
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CoErasingError(
-            f"{flag} {path} does not hold a plain state dict of tensors (found {type(state).__name__}); "
-            "save it with torch.save(unet.state_dict(), path)."
-        )
-    return state
-
-
-def load_unet_weights(unet: torch.nn.Module, path: str | Path, flag: str = "--unet_ckpt_path") -> None:
-    """Load ``path`` into ``unet`` strictly; name missing, unexpected and mis-shaped keys."""
-    state = read_unet_state_dict(path, flag)
-    expected = unet.state_dict()
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    mis_shaped = [
-        f"{key} {tuple(state[key].shape)} vs {tuple(expected[key].shape)}"
-        for key in expected
-        if key in state and state[key].shape != expected[key].shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_describe_keys(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_describe_keys(unexpected)}")
-    if mis_shaped:
-        problems.append(f"wrong shapes: {_describe_keys(mis_shaped, 3)}")
-    if problems:
-        raise CoErasingError(
-            f"{flag} {path} does not fit the UNet of --ckpt_path: {'; '.join(problems)}. Pass a full "
-            "UNet state dict saved from the same base model (SD v1.4/v1.5 for the default)."
-        )
-    unet.load_state_dict(state, strict=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CoErasingError
+from .formats import parse_save_formats
 from .images import DIFF_METHODS
 from .ip_adapter import DEFAULT_IMAGE_ENCODER, DEFAULT_IP_ADAPTER
 from .models import DEFAULT_MODEL, DTYPES
@@ -83,6 +84,12 @@ class EraseConfig:
     sampling_guidance: float = 1.0
     mixed_precision: str = "no"
     resume: bool = False
+    save_format: str = "pth"
+
+    @property
+    def save_formats(self) -> list[str]:
+        """``--save_format`` as a list, always starting with ``pth`` (stage 2 and --resume read it)."""
+        return ["pth", *(fmt for fmt in parse_save_formats(self.save_format) if fmt != "pth")]
 
     @property
     def prompts(self) -> list[str]:
@@ -110,6 +117,7 @@ class EraseConfig:
             self.blur_factor == 0 or (self.blur_factor > 0 and self.blur_factor % 2 == 1),
             f"--blur_factor must be 0 (off) or a positive odd kernel size such as 3 or 5, got {self.blur_factor}.",
         )
+        self.save_formats  # noqa: B018 - raises for unknown formats
         if self.image_stage:
             _require(
                 (self.image is None) != (self.contrastive_image is None),

@@ -2,8 +2,9 @@
 
     python -m coerasing.inspect_checkpoint checkpoints/text/nudity/unet/unet.pth --prompt "a photo of nudity"
 
-This is the README's loading snippet, runnable: it proves the checkpoint loads strictly into a
-plain ``UNet2DConditionModel`` (no IP-Adapter keys) and works inside ``StableDiffusionPipeline``.
+It loads the checkpoint strictly into the pipeline's plain ``UNet2DConditionModel`` (any format of
+:mod:`coerasing.formats`; our ``unet.pth`` needs no conversion) and generates with
+``StableDiffusionPipeline``.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .checkpoints import atomic_write, read_unet_state_dict
+from .checkpoints import atomic_write
 from .cli import run_cli
-from .errors import CoErasingError
+from .formats import load_unet_checkpoint_into
 from .models import DEFAULT_MODEL, check_model_path
 
 
@@ -26,11 +27,8 @@ def load_erased_pipeline(unet_path: str, ckpt_path: str = DEFAULT_MODEL, device:
 
     check_model_path(ckpt_path)
     pipe = StableDiffusionPipeline.from_pretrained(ckpt_path, safety_checker=None, requires_safety_checker=False)
-    state = read_unet_state_dict(unet_path, "unet.pth")
-    try:
-        pipe.unet.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CoErasingError(f"{unet_path} does not load strictly into the UNet of {ckpt_path}: {exc}") from exc
+    found = load_unet_checkpoint_into(pipe.unet, unet_path, "unet")
+    print(f"loaded {unet_path} ({found})")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

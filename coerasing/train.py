@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from . import checkpoints as ckpt
 from .config import EraseConfig
 from .errors import CoErasingError, NonFiniteLossError
+from .formats import load_unet_checkpoint_into, save_formats
 from .images import (
     choose_subset,
     contrastive_embedding,
@@ -181,8 +182,8 @@ def load_models(config: EraseConfig) -> Models:
     check_train_method_before_loading(config)
     trainable = load_unet(config.ckpt_path, torch.device("cpu"))
     if config.unet_ckpt_path:
-        ckpt.load_unet_weights(trainable, config.unet_ckpt_path)
-        logger.info("loaded UNet weights from %s", config.unet_ckpt_path)
+        found = load_unet_checkpoint_into(trainable, config.unet_ckpt_path)
+        print(f"loaded --unet_ckpt_path {config.unet_ckpt_path} ({found})")
     frozen = copy.deepcopy(trainable).to(frozen_device).requires_grad_(False).eval()
     if frozen_dtype != torch.float32:
         frozen.to(dtype=frozen_dtype)
@@ -318,7 +319,7 @@ class Eraser:
                 "Resume with the original settings, or pass another --save_path to start a new run."
             )
         iteration = int(state["iteration"])
-        ckpt.load_unet_weights(self.models.trainable, self.folder / f"unet_{iteration}.pth", "--resume checkpoint")
+        load_unet_checkpoint_into(self.models.trainable, self.folder / f"unet_{iteration}.pth", "--resume checkpoint")
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
@@ -359,12 +360,14 @@ class Eraser:
             log.flush()
             if config.iterations % config.save_iter == 0:
                 self._save_periodic(config.iterations)
-            final = ckpt.save_unet(self.models.trainable, self.folder / "unet.pth", self.models.plain_keys)
+            final, *extra = save_formats(
+                self.models.trainable, self.folder, config.save_formats, keys=self.models.plain_keys
+            )
         finally:
             log.close()
         ckpt.write_run_json(self.folder, config.to_dict(), status="finished", started_at_iteration=start,
-                            final_checkpoint=str(final))
-        print(f"saved {final}")
+                            final_checkpoint=str(final), exports=[str(path) for path in extra])
+        print(f"saved {final}" + "".join(f"\nsaved {path}" for path in extra))
         return final
 
 
