@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--modality", choices=("text", "image"), default=D.modality,
                    help="stage 1 (text) or stage 2 (image)")
     g.add_argument("--prompt", default=D.prompt,
-                   help="concept to erase; a comma-separated list picks one per iteration")
-    g.add_argument("--train_method", default=D.train_method, help=f"parameters to train: {', '.join(TRAIN_METHODS)}")
+                   help="(required) concept to erase; a comma-separated list picks one per iteration")
+    g.add_argument("--train_method", default=D.train_method,
+                   help=f"(required) parameters to train: {', '.join(TRAIN_METHODS)}")
     g.add_argument("--negative_guidance", type=float, default=D.negative_guidance, help="η in ε_u − η(ε_c − ε_u)")
     g.add_argument("--iterations", type=int, default=D.iterations)
     g.add_argument("--lr", type=float, default=D.lr)

@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--config", help="YAML file of flag values (command line wins)")
-    p.add_argument("--label", default=D.label, help="the concept, e.g. nudity, 'van gogh', church")
+    p.add_argument("--label", default=D.label, help="(required) the concept, e.g. nudity, 'van gogh', church")
     p.add_argument("--ckpt_path", default=D.ckpt_path, help="base SD model: Hub id or local diffusers folder")
     p.add_argument("--num_images", type=int, default=D.num_images)
     p.add_argument("--prompt_template", default=D.prompt_template,

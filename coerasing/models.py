@@ -73,6 +73,22 @@ def _parse_device(entry: str, spec: str) -> torch.device:
     return device
 
 
+def parse_device(spec: str | None, flag: str = "--device") -> torch.device:
+    """A single device (``0``, ``cuda:1``, ``cpu``; default ``cuda:0`` if present, else CPU)."""
+    if spec is not None and "," in str(spec):
+        raise CoErasingError(f"{flag} {spec!r} names several devices; this command runs on one, e.g. {flag} 0.")
+    return parse_devices(spec)[0]
+
+
+def check_mixed_precision(mixed_precision: str, devices: tuple[torch.device, ...]) -> None:
+    """fp16 needs a GPU; bf16 works on CPU (slowly); ``no`` works everywhere."""
+    if mixed_precision == "fp16" and any(device.type == "cpu" for device in devices):
+        raise CoErasingError(
+            "--mixed_precision fp16 needs a GPU (fp16 on CPU is unsupported by several kernels and very slow). "
+            "Use --mixed_precision no on CPU (or bf16, which works but is slow there)."
+        )
+
+
 def resolve_dtype(mixed_precision: str | None, device: torch.device) -> torch.dtype:
     """The dtype of frozen models for ``--mixed_precision`` (fp32 for ``no``)."""
     return DTYPES[mixed_precision or "no"]
@@ -97,8 +113,8 @@ def _offline_help(spec: str, flag: str) -> str:
     return (
         f"Could not load {flag} {spec}: it is not a local folder here and it could not be fetched "
         "from the Hugging Face Hub (no network, HF_HUB_OFFLINE=1, or no access). Download it once "
-        f"where you have network (`huggingface-cli download {split_hub_path(spec)[0]} --local-dir "
-        f"DIR`) and pass {flag} with that local folder."
+        f"where you have network (`hf download {split_hub_path(spec)[0]} --local-dir DIR`; older "
+        f"huggingface_hub: `huggingface-cli download`) and pass {flag} with that local folder."
     )
 
 

@@ -18,8 +18,7 @@ from tqdm.auto import tqdm
 
 from .checkpoints import atomic_write, atomic_write_text, library_versions
 from .config import GenerateConfig
-from .errors import CoErasingError
-from .models import _from_pretrained, parse_devices, resolve_dtype
+from .models import _from_pretrained, check_mixed_precision, parse_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +59,8 @@ def generate_reference_images(config: GenerateConfig) -> Path:
     if len(todo) < len(rows):
         print(f"{len(rows) - len(todo)} of {len(rows)} images already exist in {folder}; generating the rest")
     if todo:
-        device, _ = parse_devices(config.device)
-        if device.type == "cpu" and config.mixed_precision != "no":
-            raise CoErasingError("--mixed_precision fp16/bf16 needs a GPU; use --mixed_precision no on CPU.")
+        device = parse_device(config.device)
+        check_mixed_precision(config.mixed_precision, (device,))
         pipe = load_generation_pipeline(config.ckpt_path, device, resolve_dtype(config.mixed_precision, device))
         scale = pipe.vae_scale_factor
         height = config.height or pipe.unet.config.sample_size * scale

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from . import checkpoints as ckpt
@@ -32,10 +33,18 @@ from .images import (
     list_contrastive_pairs,
     list_image_files,
     load_images,
+    open_rgb,
 )
-from .ip_adapter import IPAdapterHandle, attach_ip_adapter, load_ip_adapter_state_dict, unet_noise_pred
+from .ip_adapter import (
+    IPAdapterHandle,
+    attach_ip_adapter,
+    load_ip_adapter_state_dict,
+    resolve_ip_adapter_file,
+    unet_noise_pred,
+)
 from .models import (
     TextComponents,
+    check_mixed_precision,
     load_image_encoder,
     load_scheduler_config,
     load_text_components,
@@ -122,25 +131,36 @@ class ConceptImageTokens:
         return perturb_image_tokens(tokens, self.config.noise_factor, generator)
 
 
-def _build_image_tokens(
-    config: EraseConfig, text: TextComponents, handle: IPAdapterHandle, device: torch.device, dtype: torch.dtype
-) -> ConceptImageTokens:
-    encoder = load_image_encoder(config.image_encoder_path, device, dtype)
-    negatives = None
+def load_reference_images(config: EraseConfig) -> tuple[list[Image.Image], list[Image.Image] | None]:
+    """Open the seeded subset of ``--image`` (or the ``--contrastive_image`` pairs); no model needed.
+
+    Returns ``(images, None)`` or ``(positives, negatives)``; corrupt files are skipped with a warning.
+    """
     if config.image is not None:
         files = choose_subset(list_image_files(config.image), config.image_number, config.seed)
-        _, images = load_images(files)
-        embeds = encode_images(encoder, images)
-        logger.info("encoded %d reference images from %s", len(images), config.image)
-    else:
-        pairs = list_contrastive_pairs(config.contrastive_image)
-        if config.image_number < len(pairs):
-            pairs = sorted(random.Random(config.seed).sample(pairs, config.image_number))
-        _, positives = load_images([p for p, _ in pairs], "--contrastive_image")
-        _, negative_images = load_images([n for _, n in pairs], "--contrastive_image")
-        if len(positives) != len(negative_images):
-            raise CoErasingError("--contrastive_image: some pair images are unreadable; fix or remove those pairs.")
-        embeds, negatives = encode_images(encoder, positives), encode_images(encoder, negative_images)
+        return load_images(files)[1], None
+    pairs = list_contrastive_pairs(config.contrastive_image)
+    if config.image_number < len(pairs):
+        pairs = sorted(random.Random(config.seed).sample(pairs, config.image_number))
+    readable = [pair for pair in pairs if open_rgb(pair[0]) is not None and open_rgb(pair[1]) is not None]
+    if not readable:
+        raise CoErasingError(f"--contrastive_image {config.contrastive_image}: no pair has two readable images.")
+    return load_images([p for p, _ in readable])[1], load_images([n for _, n in readable])[1]
+
+
+def _build_image_tokens(
+    config: EraseConfig,
+    references: tuple[list[Image.Image], list[Image.Image] | None],
+    text: TextComponents,
+    handle: IPAdapterHandle,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> ConceptImageTokens:
+    images, negative_images = references
+    encoder = load_image_encoder(config.image_encoder_path, device, dtype)
+    embeds = encode_images(encoder, images)
+    negatives = encode_images(encoder, negative_images) if negative_images is not None else None
+    logger.info("encoded %d reference images", len(images))
     del encoder
     guide = text.encode(config.text_guide) if config.text_guide else None
     return ConceptImageTokens(handle, embeds.to(device), negatives, config, guide)
@@ -178,6 +198,7 @@ def check_train_method_before_loading(config: EraseConfig) -> None:
 def load_models(config: EraseConfig) -> Models:
     """Load ε_θ (fp32, train device) and ε* (frozen device, frozen dtype), both from the same weights."""
     frozen_device, train_device = parse_devices(config.devices)
+    check_mixed_precision(config.mixed_precision, (frozen_device, train_device))
     frozen_dtype = resolve_dtype(config.mixed_precision, frozen_device)
     check_train_method_before_loading(config)
     trainable = load_unet(config.ckpt_path, torch.device("cpu"))
@@ -206,6 +227,14 @@ class Eraser:
     def __init__(self, config: EraseConfig) -> None:
         self.config = config.validate()
         self.folder = config.run_folder()
+        # Inputs that need no model are checked first, so mistakes fail in seconds.
+        references = load_reference_images(config) if config.image_stage else None
+        ip_adapter_file = resolve_ip_adapter_file(config.ip_adapter) if config.image_stage else None
+        if config.unet_ckpt_path and not Path(config.unet_ckpt_path).expanduser().exists():
+            raise CoErasingError(
+                f"--unet_ckpt_path {config.unet_ckpt_path} does not exist. Pass stage 1's unet.pth, e.g. "
+                "checkpoints/text/nudity/unet/unet.pth (run stage 1 first)."
+            )
         torch.manual_seed(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.models = load_models(config)
@@ -226,11 +255,11 @@ class Eraser:
         self.uncond_states = text.encode("")
         self.image_tokens: ConceptImageTokens | None = None
         if config.image_stage:
-            ip_state = load_ip_adapter_state_dict(config.ip_adapter)
+            ip_state = load_ip_adapter_state_dict(str(ip_adapter_file))
             models.train_handle = attach_ip_adapter(models.trainable, ip_state)
             models.frozen_handle = attach_ip_adapter(models.frozen, ip_state)
             self.image_tokens = _build_image_tokens(
-                config, text, models.frozen_handle, models.frozen_device, models.frozen_dtype
+                config, references, text, models.frozen_handle, models.frozen_device, models.frozen_dtype
             )
 
     # -- one iteration ----------------------------------------------------------------------
@@ -305,7 +334,11 @@ class Eraser:
     def _resume(self) -> int:
         state_path = self.folder / ckpt.TRAIN_STATE
         if not state_path.exists():
-            warnings.warn(f"--resume: no {ckpt.TRAIN_STATE} in {self.folder}; starting from iteration 0.", stacklevel=2)
+            warnings.warn(
+                f"--resume: no {ckpt.TRAIN_STATE} in {self.folder}, so the run starts at iteration 0. (The default "
+                "stage-2 folder name contains --iterations: to extend a run, pass its folder as --save_path.)",
+                stacklevel=2,
+            )
             return 0
         state = ckpt.load_training_state(state_path)
         changed = [
@@ -347,7 +380,8 @@ class Eraser:
                     raise NonFiniteLossError(
                         f"the loss became {loss_value} at iteration {iteration}; training stopped before "
                         f"that step was applied. Last good checkpoint: {last[1] if last else 'none yet'}. "
-                        "Lower --lr, or use --mixed_precision no if it was on."
+                        "Start a new run (another --save_path) with a lower --lr, or with --mixed_precision no if it "
+                        "was on."
                     )
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -363,6 +397,10 @@ class Eraser:
             final, *extra = save_formats(
                 self.models.trainable, self.folder, config.save_formats, keys=self.models.plain_keys
             )
+        except BaseException as exc:
+            ckpt.write_run_json(self.folder, config.to_dict(), status=f"stopped: {type(exc).__name__}: {exc}",
+                                started_at_iteration=start)
+            raise
         finally:
             log.close()
         ckpt.write_run_json(self.folder, config.to_dict(), status="finished", started_at_iteration=start,
