@@ -10,3 +10,21 @@ refinement, latent blur; §4.5, §5.2-5.5), ``params`` (``--train_method``, §6)
 """
 
 __version__ = "0.1.0"
+
+
+def _hide_torchvision_fallback_notice() -> None:
+    """transformers ≥ 5 warns that its CLIP image processors fall back to PIL without torchvision.
+
+    This project deliberately runs without torchvision and uses the PIL processor, so the notice
+    (which tells users to install torchvision) only misleads; this filter drops that one message.
+    """
+    import logging
+
+    class _Filter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "requires torchvision (not installed)" not in record.getMessage()
+
+    logging.getLogger("transformers.utils.import_utils").addFilter(_Filter())
+
+
+_hide_torchvision_fallback_notice()
