@@ -58,7 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="IP-Adapter image encoder folder or Hub path")
     g.add_argument("--devices", default=D.devices,
                    help="'0,1': frozen models on GPU 0, trained UNet on GPU 1; '0'; 'cpu' (default: cuda:0 if present)")
-    g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=D.mixed_precision)
+    g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=D.mixed_precision,
+                   help="frozen models in fp16/bf16, trained UNet in fp32 with autocast")
+    g.add_argument("--batch_reference", action="store_true", default=D.batch_reference,
+                   help="frozen ε_c and ε_u in one batched call (faster; fp32 results change in the last bits)")
+    g.add_argument("--gradient_checkpointing", action="store_true", default=D.gradient_checkpointing,
+                   help="recompute UNet activations in backward: less memory, slower")
     g = p.add_argument_group("stage 2 (image)")
     g.add_argument("--image", default=D.image, help="folder of reference images of the concept, or one image")
     g.add_argument("--image_number", type=int, default=D.image_number, help="seeded random subset size of --image")

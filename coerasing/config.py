@@ -85,6 +85,8 @@ class EraseConfig:
     mixed_precision: str = "no"
     resume: bool = False
     save_format: str = "pth"
+    batch_reference: bool = False
+    gradient_checkpointing: bool = False
 
     @property
     def save_formats(self) -> list[str]:

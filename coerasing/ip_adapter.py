@@ -16,7 +16,6 @@ IP-Adapter key (the released code saved ``to_v_ip`` keys into its checkpoints).
 from __future__ import annotations
 
 import contextlib
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -26,7 +25,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
 from .errors import CoErasingError
-from .models import hub_file, is_hub_id, split_hub_path
+from .models import hub_file, is_hub_id, quiet_dtype_cast, split_hub_path
 
 DEFAULT_IP_ADAPTER = "h94/IP-Adapter/models/ip-adapter_sd15.bin"
 DEFAULT_IMAGE_ENCODER = "h94/IP-Adapter/models/image_encoder"
@@ -128,28 +127,13 @@ class IPAdapterHandle:
             self.unet.set_attn_processor(dict(self.text_processors))
 
 
-@contextlib.contextmanager
-def _quiet_dtype_warning() -> Iterator[None]:
-    """Silence diffusers' "modules that should be kept in float32: []" warning.
-
-    The loader ends with ``unet.to(dtype=unet.dtype)``, a no-op that diffusers warns about anyway.
-    """
-    logger = logging.getLogger("diffusers.models.modeling_utils")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def attach_ip_adapter(
     unet: UNet2DConditionModel, state_dict: dict[str, dict[str, torch.Tensor]]
 ) -> IPAdapterHandle:
     """Load IP-Adapter weights into ``unet`` with diffusers' loader, frozen, image branch off."""
     text_processors = dict(unet.attn_processors)
     try:
-        with _quiet_dtype_warning():
+        with quiet_dtype_cast():
             unet._load_ip_adapter_weights([state_dict], low_cpu_mem_usage=False)
     except (KeyError, RuntimeError) as exc:
         raise CoErasingError(

@@ -7,7 +7,10 @@ code runs SD v1.4, SD v1.5 and the tiny offline test stack.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +90,22 @@ def check_mixed_precision(mixed_precision: str, devices: tuple[torch.device, ...
             "--mixed_precision fp16 needs a GPU (fp16 on CPU is unsupported by several kernels and very slow). "
             "Use --mixed_precision no on CPU (or bf16, which works but is slow there)."
         )
+
+
+@contextlib.contextmanager
+def quiet_dtype_cast() -> Iterator[None]:
+    """Silence diffusers' "modules that should be kept in float32: []" warning.
+
+    diffusers warns on every ``ModelMixin.to(dtype=…)``, even when the UNet has no such modules
+    (its own IP-Adapter loader casts that way too); for SD's UNet the warning is empty noise.
+    """
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def resolve_dtype(mixed_precision: str | None, device: torch.device) -> torch.dtype:

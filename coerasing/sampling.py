@@ -61,7 +61,7 @@ def bucket_timestep(scheduler: DDPMScheduler | DDIMScheduler, k: int) -> int:
     return int(timesteps[len(timesteps) - 1 - k])
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def denoise_to_bucket(
     noise_pred_fn: NoisePredFn,
     latents: torch.Tensor,
@@ -73,7 +73,8 @@ def denoise_to_bucket(
 
     Walks ``τ_0 > τ_1 > … `` and stops at ``τ_{S-1-k}``, i.e. takes ``S-1-k`` sampler steps
     (none for the noisiest bucket). ``noise_pred_fn(latents, timestep)`` returns the model's
-    ε-prediction; guidance, if any, is the caller's business.
+    ε-prediction; guidance, if any, is the caller's business. Runs under ``torch.inference_mode``:
+    clone the result before using it in a forward pass that needs gradients.
     """
     timesteps = scheduler.timesteps
     num_steps = len(timesteps) - 1 - k

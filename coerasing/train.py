@@ -51,6 +51,7 @@ from .models import (
     load_unet,
     load_unet_config,
     parse_devices,
+    quiet_dtype_cast,
     resolve_dtype,
 )
 from .objectives import (
@@ -70,7 +71,7 @@ _RESUME_FIXED = (
     "modality", "train_method", "prompt", "lr", "ckpt_path", "unet_ckpt_path", "negative_guidance",
     "image", "contrastive_image", "image_number", "noise_factor", "blur_factor", "seed", "text_uncond",
     "text_guide", "num_inference_steps", "sampler", "sampling_guidance", "diff_method", "use_average",
-    "contrastive_size", "mixed_precision",
+    "contrastive_size", "mixed_precision", "batch_reference",
 )
 
 
@@ -207,8 +208,11 @@ def load_models(config: EraseConfig) -> Models:
         print(f"loaded --unet_ckpt_path {config.unet_ckpt_path} ({found})")
     frozen = copy.deepcopy(trainable).to(frozen_device).requires_grad_(False).eval()
     if frozen_dtype != torch.float32:
-        frozen.to(dtype=frozen_dtype)
+        with quiet_dtype_cast():
+            frozen.to(dtype=frozen_dtype)
     trainable.to(train_device).train()
+    if config.gradient_checkpointing:
+        trainable.enable_gradient_checkpointing()
     text = load_text_components(config.ckpt_path, frozen_device, frozen_dtype)
     return Models(
         trainable=trainable,
@@ -287,36 +291,78 @@ class Eraser:
 
         return noise_pred
 
-    def step(self) -> tuple[torch.Tensor, int, int]:
-        """One erasing iteration; returns (loss, bucket k, timestep t) before the optimizer step."""
+    @torch.inference_mode()
+    def reference_noise_preds(
+        self, latents: torch.Tensor, timestep: int, prompt_states: torch.Tensor, image_tokens: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen model's ``ε_u`` and ``ε_c`` (§4 step 4, §5 step 6), in fp32.
+
+        With ``--batch_reference`` both come from one batched call. A text-only ``ε_u`` then rides
+        along as an image-branch call with all-zero image tokens, which is exact: ``to_k_ip`` and
+        ``to_v_ip`` have no bias, so the image branch adds exactly zero. Batching changes fp32
+        results in the last bits, so it is opt-in.
+        """
+        models, config = self.models, self.config
+        device, dtype = models.frozen_device, models.frozen_dtype
+        z = latents.to(device, dtype)
+        t = torch.tensor([timestep], device=device)
+        cond, uncond = prompt_states.to(device, dtype), self.uncond_states.to(device, dtype)
+        uncond_tokens = None if config.text_uncond else image_tokens
+        frozen, handle = models.frozen, models.frozen_handle
+        if not config.batch_reference:
+            eps_c = unet_noise_pred(frozen, z, t, cond, image_tokens, handle)
+            eps_u = unet_noise_pred(frozen, z, t, uncond, uncond_tokens, handle)
+            return eps_u.float(), eps_c.float()
+        tokens = None
+        if image_tokens is not None:
+            uncond_tokens = torch.zeros_like(image_tokens) if uncond_tokens is None else uncond_tokens
+            tokens = torch.cat([uncond_tokens, image_tokens])
+        both = unet_noise_pred(frozen, z.repeat(2, 1, 1, 1), t, torch.cat([uncond, cond]), tokens, handle)
+        eps_u, eps_c = both.float().chunk(2)
+        return eps_u, eps_c
+
+    def step(self, bucket: tuple[int, int] | None = None) -> tuple[torch.Tensor, int, int]:
+        """One erasing iteration; returns (loss, bucket k, timestep t) before the optimizer step.
+
+        ``bucket`` forces (k, t) instead of drawing them (benchmarks use it to give every loop the
+        same work); training never passes it.
+        """
         config, models, generator = self.config, self.models, self.generator
-        train_device, frozen_device, frozen_dtype = models.train_device, models.frozen_device, models.frozen_dtype
+        train_device = models.train_device
         prompt_states = self.prompt_states[_randint(len(self.prompt_states), generator)]
         image_tokens = self.image_tokens.sample(generator) if self.image_tokens is not None else None
 
-        k, t = sample_bucket(config.num_inference_steps, self.num_train_timesteps, generator)
+        drawn = sample_bucket(config.num_inference_steps, self.num_train_timesteps, generator)
+        k, t = bucket or drawn
         latents = torch.randn(self.latent_shape, generator=generator).to(train_device)
         text_states = prompt_states.to(train_device, torch.float32)
         latents = denoise_to_bucket(self._sampling_fn(text_states), latents, self.scheduler, k, generator)
+        latents = latents.clone()  # leave inference mode: the trained forward below needs autograd
         if config.image_stage:
             latents = blur_latents(latents, config.blur_factor)
 
-        with torch.no_grad():
-            z = latents.to(frozen_device, frozen_dtype)
-            t_frozen = torch.tensor([t], device=frozen_device)
-            cond = prompt_states.to(frozen_device, frozen_dtype)
-            uncond = self.uncond_states.to(frozen_device, frozen_dtype)
-            eps_c = unet_noise_pred(models.frozen, z, t_frozen, cond, image_tokens, models.frozen_handle)
-            uncond_tokens = None if config.text_uncond else image_tokens
-            eps_u = unet_noise_pred(models.frozen, z, t_frozen, uncond, uncond_tokens, models.frozen_handle)
-            target = negative_guidance_target(eps_u.float(), eps_c.float(), config.negative_guidance)
+        eps_u, eps_c = self.reference_noise_preds(latents, t, prompt_states, image_tokens)
+        target = negative_guidance_target(eps_u, eps_c, config.negative_guidance)
 
         with self._autocast():
             noise_pred = unet_noise_pred(
                 models.trainable, latents, torch.tensor([t], device=train_device), text_states,
                 image_tokens, models.train_handle,
             )
-        return erasing_loss(noise_pred, target.to(train_device)), k, t
+        return erasing_loss(noise_pred, target.clone().to(train_device)), k, t
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``; with gradient checkpointing, inside the image branch.
+
+        Checkpointed blocks recompute their forward during backward, so the trained UNet must
+        carry the same attention processors then as in its (image-branch) forward.
+        """
+        handle = self.models.train_handle
+        if self.config.gradient_checkpointing and handle is not None:
+            with handle.image_branch():
+                loss.backward()
+        else:
+            loss.backward()
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -384,7 +430,7 @@ class Eraser:
                         "was on."
                     )
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                self.backward(loss)
                 self.optimizer.step()
                 log.log(iteration, loss_value, k, t)
                 progress.set_postfix(loss=f"{loss_value:.4g}")
