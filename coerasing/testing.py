@@ -146,7 +146,29 @@ def _tiny_image_encoder() -> CLIPVisionModelWithProjection:
     return CLIPVisionModelWithProjection(config).eval()
 
 
-def _ip_adapter_state_dict(unet: UNet2DConditionModel) -> dict[str, dict[str, torch.Tensor]]:
+def _sd14_components() -> tuple[CLIPTextModel, AutoencoderKL, UNet2DConditionModel, CLIPVisionModelWithProjection]:
+    """SD v1.4's architecture (CLIP ViT-L/14 text, SD VAE, SD UNet) and IP-Adapter's ViT-H/14, random weights."""
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    )).eval()
+    vae = AutoencoderKL(
+        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, sample_size=512,
+        scaling_factor=0.18215,
+    ).eval()
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).eval()
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        image_size=224, patch_size=14, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+        num_attention_heads=16, projection_dim=1024, hidden_act="gelu",
+    )).eval()
+    return text, vae, unet, image_encoder
+
+
+def _ip_adapter_state_dict(
+    unet: UNet2DConditionModel, image_embed_dim: int = IMAGE_EMBED_DIM
+) -> dict[str, dict[str, torch.Tensor]]:
     """Random IP-Adapter weights keyed like ``h94/IP-Adapter``'s ``ip-adapter_sd15.bin``.
 
     Keys follow diffusers' loader: walking ``unet.attn_processors`` in order, every
@@ -154,7 +176,7 @@ def _ip_adapter_state_dict(unet: UNet2DConditionModel) -> dict[str, dict[str, to
     ``"{key_id}.to_v_ip.weight"`` with ``key_id`` starting at 1 and growing by 2.
     """
     cross_dim = int(unet.config.cross_attention_dim)
-    proj = torch.nn.Linear(IMAGE_EMBED_DIM, NUM_IP_TOKENS * cross_dim)
+    proj = torch.nn.Linear(image_embed_dim, NUM_IP_TOKENS * cross_dim)
     image_proj = {
         "proj.weight": proj.weight.detach().clone(),
         "proj.bias": proj.bias.detach().clone(),
@@ -176,6 +198,20 @@ def _ip_adapter_state_dict(unet: UNet2DConditionModel) -> dict[str, dict[str, to
     return {"image_proj": image_proj, "ip_adapter": ip_adapter}
 
 
+def _tiny_components(seed: int) -> tuple:
+    torch.manual_seed(seed + _SEED_TEXT)
+    text_encoder = _tiny_text_encoder()
+    torch.manual_seed(seed + _SEED_VAE)
+    vae = _tiny_vae()
+    torch.manual_seed(seed + _SEED_UNET)
+    unet = UNet2DConditionModel(**tiny_unet_config()).eval()
+    torch.manual_seed(seed + _SEED_IMAGE_ENCODER)
+    image_encoder = _tiny_image_encoder()
+    torch.manual_seed(seed + _SEED_IP)
+    ip_state = _ip_adapter_state_dict(unet)
+    return text_encoder, vae, unet, image_encoder, ip_state
+
+
 @dataclass
 class TinyStack:
     """Paths of a stack written by :func:`build_tiny_stack`."""
@@ -188,11 +224,12 @@ class TinyStack:
     image_encoder_path: Path
 
 
-def build_tiny_stack(root: str | Path, seed: int = 0) -> TinyStack:
+def build_tiny_stack(root: str | Path, seed: int = 0, architecture: str = "tiny") -> TinyStack:
     """Write a tiny random SD-1.x pipeline and a matching IP-Adapter under ``root``.
 
     Deterministic: the same ``seed`` gives identical weights. The caller's global torch
-    RNG state is left untouched.
+    RNG state is left untouched. ``architecture="sd14"`` writes SD v1.4's full-size architecture
+    (with IP-Adapter's ViT-H/14 image encoder) with random weights instead, for benchmarks (~5 GB).
     """
     root = Path(root)
     models_dir = root / "ip_adapter" / "models"
@@ -205,17 +242,15 @@ def build_tiny_stack(root: str | Path, seed: int = 0) -> TinyStack:
         image_encoder_path=models_dir / "image_encoder",
     )
 
+    if architecture not in ("tiny", "sd14"):
+        raise ValueError(f"unknown architecture {architecture!r}; expected 'tiny' or 'sd14'")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + _SEED_TEXT)
-        text_encoder = _tiny_text_encoder()
-        torch.manual_seed(seed + _SEED_VAE)
-        vae = _tiny_vae()
-        torch.manual_seed(seed + _SEED_UNET)
-        unet = UNet2DConditionModel(**tiny_unet_config()).eval()
-        torch.manual_seed(seed + _SEED_IMAGE_ENCODER)
-        image_encoder = _tiny_image_encoder()
-        torch.manual_seed(seed + _SEED_IP)
-        ip_state = _ip_adapter_state_dict(unet)
+        if architecture == "sd14":
+            torch.manual_seed(seed)
+            text_encoder, vae, unet, image_encoder = _sd14_components()
+            ip_state = _ip_adapter_state_dict(unet, image_encoder.config.projection_dim)
+        else:
+            text_encoder, vae, unet, image_encoder, ip_state = _tiny_components(seed)
 
     scheduler = PNDMScheduler.from_config(SD14_SCHEDULER_CONFIG)
     pipe = StableDiffusionPipeline(
