@@ -216,7 +216,7 @@ def load_text_components(ckpt_path: str, device: torch.device, dtype: torch.dtyp
 
 def load_unet(ckpt_path: str, device: torch.device, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
     """Load the UNet of ``ckpt_path`` on ``device``."""
-    unet = _from_pretrained(UNet2DConditionModel, ckpt_path, "unet", "--ckpt_path", torch_dtype=dtype)
+    unet = _from_pretrained(UNet2DConditionModel, ckpt_path, "unet", "--ckpt_path", dtype=dtype)
     return unet.to(device)
 
 

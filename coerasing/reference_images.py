@@ -36,7 +36,7 @@ def load_generation_pipeline(ckpt_path: str, device: torch.device, dtype: torch.
 
     pipe = _from_pretrained(
         StableDiffusionPipeline, ckpt_path, None, "--ckpt_path",
-        safety_checker=None, requires_safety_checker=False, torch_dtype=dtype,
+        safety_checker=None, requires_safety_checker=False, dtype=dtype,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
