@@ -113,9 +113,6 @@ class ConceptImageTokens:
             return tokens
         return refine_image_tokens(tokens, self.guide_states.to(tokens.device, tokens.dtype))
 
-    def __len__(self) -> int:
-        return len(self.tokens) if self.embeds is None else len(self.embeds)
-
     def sample(self, generator: torch.Generator) -> torch.Tensor:
         """``c_img`` of one reference image (or pair), ``[1, N, d]``."""
         if self.tokens is not None:  # one projected image (or the averaged pair direction)
@@ -143,10 +140,11 @@ def load_reference_images(config: EraseConfig) -> tuple[list[Image.Image], list[
     pairs = list_contrastive_pairs(config.contrastive_image)
     if config.image_number < len(pairs):
         pairs = sorted(random.Random(config.seed).sample(pairs, config.image_number))
-    readable = [pair for pair in pairs if open_rgb(pair[0]) is not None and open_rgb(pair[1]) is not None]
+    opened = [(open_rgb(positive), open_rgb(negative)) for positive, negative in pairs]
+    readable = [(positive, negative) for positive, negative in opened if positive and negative]
     if not readable:
         raise CoErasingError(f"--contrastive_image {config.contrastive_image}: no pair has two readable images.")
-    return load_images([p for p, _ in readable])[1], load_images([n for _, n in readable])[1]
+    return [positive for positive, _ in readable], [negative for _, negative in readable]
 
 
 def _build_image_tokens(
