@@ -58,7 +58,7 @@ def generate_reference_images(config: GenerateConfig) -> Path:
     name = folder.name
     prompt = config.prompt
     rows = [{"file": image_name(name, i), "prompt": prompt, "seed": config.seed + i} for i in range(config.num_images)]
-    state = _distributed_state(cpu=config.device == "cpu" or not torch.cuda.is_available())
+    state = distributed_state(cpu=config.device == "cpu" or not torch.cuda.is_available())
     mine = rows[state.process_index :: state.num_processes]
     todo = [row for row in mine if not (folder / row["file"]).exists()]
     if len(todo) < len(mine):
@@ -93,7 +93,7 @@ def generate_reference_images(config: GenerateConfig) -> Path:
     return folder
 
 
-def _distributed_state(cpu: bool):
+def distributed_state(cpu: bool):
     """accelerate's process state: rank, world size and device under ``accelerate launch``/``torchrun``.
 
     ``cpu=True`` lets several CPU processes (gloo) form one group, as ``torchrun`` starts them.

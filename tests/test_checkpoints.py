@@ -58,3 +58,12 @@ def test_run_json_records_versions(tmp_path):
     data = json.loads((tmp_path / "run.json").read_text())
     assert data["config"] == {"seed": 3}
     assert data["versions"]["torch"].startswith("2.") and "diffusers" in data["versions"]
+
+
+def test_atomic_files_get_normal_permissions(tmp_path):
+    import os
+
+    path = ckpt.atomic_write_text(tmp_path / "x.txt", "hi")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
