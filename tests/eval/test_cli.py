@@ -117,3 +117,14 @@ def test_nudenet_without_the_extra_is_a_clean_error_from_the_command_line(tiny_s
     )
     assert result.returncode == 2 and result.stderr.startswith("error:"), result.stderr
     assert "nudenet==3.0.8" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_config_defaults_match_the_component_settings():
+    """EvalConfig repeats the defaults of GenerationSettings/AttackSettings (lazy imports); keep them equal."""
+    from coerasing.eval import EvalConfig
+    from coerasing.eval.attack import AttackSettings
+    from coerasing.eval.generate import GenerationSettings
+
+    config = EvalConfig()
+    assert config.generation_settings() == GenerationSettings()
+    assert config.attack_settings() == AttackSettings()
