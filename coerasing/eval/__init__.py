@@ -34,6 +34,8 @@ COMMANDS: tuple[str, ...] = ("generate", "detect", "attack", "report", "all")
 #: Detector and target defaults of the shipped prompt sets (UnlearnDiff's protocols).
 NUDITY_SETS = ("nudity", "i2p")
 STYLE_SETS = {"vangogh": "vincent-van-gogh"}
+#: Prompt sets of the toy world (``toy_<shape>``): the toy classifier is their detector, the shape the target.
+TOY_PREFIX = "toy_"
 
 
 @dataclass
@@ -107,6 +109,8 @@ class EvalConfig:
             return "nudenet"
         if self.set_name == "coco_10k":
             return "none"
+        if self.set_name.startswith(TOY_PREFIX):
+            return "toy"
         return "classifier"
 
     def detector_spec(self) -> DetectorSpec:
@@ -116,6 +120,10 @@ class EvalConfig:
         name = self.detector_name()
         targets = [t.strip() for t in (self.target or "").split(",") if t.strip()]
         classifier = self.classifier
+        if name == "toy":
+            if not targets and self.set_name.startswith(TOY_PREFIX):
+                targets = [self.set_name[len(TOY_PREFIX):]]
+            classifier = classifier or str(Path(self.ckpt_path).expanduser() / "classifier")
         if name == "classifier":
             if not targets and self.set_name in IMAGENET_CLASSES:
                 targets = [str(IMAGENET_CLASSES[self.set_name])]

@@ -587,6 +587,15 @@ register_detector("classifier", lambda spec: ImageClassifierDetector(
     spec.classifier, spec.targets, spec.top_k, spec.device, spec.batch_size))
 
 
+def _toy_factory(spec: DetectorSpec) -> Detector:
+    from ..toy.detector import ToyShapeDetector
+
+    return ToyShapeDetector(spec.classifier, spec.targets, spec.device)
+
+
+register_detector("toy", _toy_factory)
+
+
 # ----------------------------------------------------------------------------------------------
 # Running a detector over a folder of generated images
 

@@ -29,6 +29,7 @@ PROMPTS_DIR: Path = Path(__file__).resolve().parents[2] / "data" / "prompts"
 #: Named prompt sets: ``--prompts nudity`` reads ``data/prompts/nudity.csv``.
 PROMPT_SETS: tuple[str, ...] = (
     "nudity", "i2p", "vangogh", "church", "garbage_truck", "parachute", "tench", "coco_10k",
+    "toy_circle", "toy_square", "toy_triangle", "toy_star", "toy_cross",
 )
 
 #: Default guidance when a row gives none (SD's usual 7.5; COCO rows have no guidance column).
