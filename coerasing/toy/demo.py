@@ -9,11 +9,14 @@ each before it runs (copy them to run a step alone):
    reference images through the IP-Adapter, refined by the text "circle");
 4. ``python -m coerasing.toy.erasure``: base / stage 1 / stage 2 scored by the toy classifier →
    ``report.json``, ``grid.png`` and a table.
+
+Every step runs with one CPU thread (``OMP_NUM_THREADS=1``), so the numbers are the same on any machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import subprocess
 import sys
@@ -62,12 +65,15 @@ def run_demo(out: str | Path, model: str | Path = TOY_MODEL_DIR) -> Path:
         if not (REPO_ROOT / script).exists():
             raise CoErasingError(f"{script} is not in {REPO_ROOT}: run the demo from a checkout of the repository.")
     out = Path(out).resolve()
+    # One CPU thread: float results depend on the thread count, so this makes the demo's numbers the
+    # same on every machine (and is barely slower for models this small).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     t0 = time.perf_counter()
     for i, command in enumerate(demo_commands(out, model), start=1):
         shown = shlex.join(["python", *command[1:]])
         print(f"\n[demo {i}/4] {shown}", flush=True)
         step = time.perf_counter()
-        result = subprocess.run(command, cwd=REPO_ROOT, check=False)
+        result = subprocess.run(command, cwd=REPO_ROOT, env=env, check=False)
         if result.returncode != 0:
             raise CoErasingError(f"demo step {i} failed with exit code {result.returncode}: {shown}")
         print(f"[demo {i}/4] done in {time.perf_counter() - step:.0f} s", flush=True)
