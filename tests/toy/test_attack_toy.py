@@ -4,6 +4,7 @@ prompts than no attack does (``evaluate.py all`` on the shipped toy model, offli
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ from coerasing.toy.demo import REPO_ROOT
 
 def _run(args: list[str]) -> None:
     result = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
 
 
