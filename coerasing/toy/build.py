@@ -53,7 +53,9 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
+from ..checkpoints import atomic_write_text
 from ..testing import CLIP_TOKENIZER_DIR, SD14_SCHEDULER_CONFIG, load_clip_tokenizer
+from . import TOY_GUIDANCE
 from .classifier import CLASSIFIER_SHAPES, NO_SHAPE, ToyClassifier
 from .quality import IP_ADAPTER_SAFETENSORS_NAME, IP_ADAPTER_WEIGHT_NAME, evaluate_quality
 from .world import (
@@ -219,7 +221,7 @@ BUDGETS: dict[str, Budget] = {
         eval_references_per_shape=8,
         eval_images_per_reference=2,
         eval_steps=25,
-        eval_guidance=5.0,
+        eval_guidance=TOY_GUIDANCE,
     ),
     "smoke": Budget(
         pool_size=256,
@@ -243,7 +245,7 @@ BUDGETS: dict[str, Budget] = {
         eval_references_per_shape=1,
         eval_images_per_reference=1,
         eval_steps=2,
-        eval_guidance=5.0,
+        eval_guidance=TOY_GUIDANCE,
         eval_max_prompts=3,
     ),
 }
@@ -961,9 +963,9 @@ def build_toy_world(
     timings["total"] = round(time.perf_counter() - total, 1)
     report["timings_s"] = timings
     report["threads"] = torch.get_num_threads()
-    (folder / "quality.json").write_text(json.dumps(report, indent=2))
+    atomic_write_text(folder / "quality.json", json.dumps(report, indent=2))
     report["folder_mb"] = round(folder_size_mb(folder), 2)
-    (folder / "quality.json").write_text(json.dumps(report, indent=2))
+    atomic_write_text(folder / "quality.json", json.dumps(report, indent=2))
     log(
         f"[toy build] done in {timings['total']:.0f} s; {report['folder_mb']} MB; quality targets passed: "
         f"{report['quality']['all_passed']}"

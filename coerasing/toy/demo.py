@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..cli import run_cli
 from ..errors import CoErasingError
-from . import TOY_MODEL_DIR
+from . import TOY_GUIDANCE, TOY_MODEL_DIR
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONCEPT = "circle"
@@ -41,7 +41,7 @@ def demo_commands(out: str | Path, model: str | Path = TOY_MODEL_DIR, python: st
     return [
         [python, "generate_data.py", "--label", CONCEPT, "--prompt_template", "a photo of a {label}",
          "--ckpt_path", str(model), "--output_dir", str(refs), "--num_images", "16", "--batch_size", "16",
-         "--num_inference_steps", "25", "--guidance_scale", "5", "--device", "cpu"],
+         "--num_inference_steps", "25", "--guidance_scale", str(TOY_GUIDANCE), "--device", "cpu"],
         [python, "erase_pipeline.py", "--config", "configs/toy/circle_text.yaml", "--ckpt_path", str(model),
          "--save_path", str(text_unet.parent), "--devices", "cpu"],
         [python, "erase_pipeline.py", "--config", "configs/toy/circle_image.yaml", "--ckpt_path", str(model),

@@ -21,12 +21,12 @@ from PIL import Image
 
 from ..errors import CoErasingError
 from ..eval.detectors import Detection
+from . import TOY_GUIDANCE
 from .classifier import CLASSIFIER_SHAPES, ToyClassifier
 from .world import SHAPES, explicit_prompts, implicit_prompts
 
 #: Seeds per prompt in the shipped toy prompt sets, and their guidance (the toy model's default).
 SEEDS_PER_PROMPT = 4
-TOY_GUIDANCE = 5.0
 CSV_COLUMNS = ("case_number", "prompt", "evaluation_seed", "evaluation_guidance", "kind", "shape", "colour")
 
 

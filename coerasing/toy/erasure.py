@@ -36,6 +36,7 @@ from ..checkpoints import atomic_write
 from ..cli import run_cli
 from ..errors import CoErasingError
 from ..formats import load_unet_checkpoint_into
+from . import TOY_GUIDANCE
 from .classifier import ToyClassifier
 from .quality import generate_for_prompts, load_pipeline
 from .world import SHAPES, EvalPrompt, explicit_prompts, implicit_prompts, unrelated_prompts
@@ -51,7 +52,7 @@ class ErasureEvalSettings:
     images_per_prompt: int = 8
     unrelated_images_per_prompt: int = 4
     num_inference_steps: int = 25
-    guidance_scale: float = 5.0
+    guidance_scale: float = TOY_GUIDANCE
     seed: int = 0
     batch_size: int = 64
 

@@ -4,10 +4,17 @@
 plain diffusers ``StableDiffusionPipeline`` loaded from the built folder (and, for image prompts,
 ``pipe.load_ip_adapter``), classifies every image and reports accuracies against the issue's targets.
 The generation helpers are reusable for measuring erasure on an edited UNet.
+
+``python -m coerasing.toy.quality FOLDER [--guidance_scale G] [--update]`` measures a built folder
+again (with the evaluation settings recorded in its ``quality.json``); ``--update`` writes the new
+measurement into ``quality.json`` and ``quality_samples.png``.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +25,10 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
+from ..checkpoints import atomic_write, atomic_write_text
+from ..cli import run_cli
+from ..errors import CoErasingError
+from . import TOY_GUIDANCE
 from .classifier import ToyClassifier
 from .world import SHAPES, EvalPrompt, explicit_prompts, heldout_scenes, implicit_prompts, render
 
@@ -50,7 +61,7 @@ def generate_for_prompts(
     images_per_prompt: int,
     seed: int = 0,
     num_inference_steps: int = 25,
-    guidance_scale: float = 5.0,
+    guidance_scale: float = TOY_GUIDANCE,
     batch_size: int = 64,
 ) -> np.ndarray:
     """``[len(prompts) * images_per_prompt, H, W, 3]`` uint8, prompt-major; image ``i`` uses seed ``seed + i``."""
@@ -78,7 +89,7 @@ def generate_from_images(
     seed: int = 0,
     prompt: str = "",
     num_inference_steps: int = 25,
-    guidance_scale: float = 5.0,
+    guidance_scale: float = TOY_GUIDANCE,
 ) -> np.ndarray:
     """Image-prompted generation through the loaded IP-Adapter: one pipeline call per reference image."""
     device = pipe.device
@@ -151,7 +162,7 @@ def evaluate_quality(
     references_per_shape: int = 8,
     images_per_reference: int = 2,
     num_inference_steps: int = 25,
-    guidance_scale: float = 5.0,
+    guidance_scale: float = TOY_GUIDANCE,
     seed: int = 0,
     max_prompts: int | None = None,
     device: torch.device | str = "cpu",
@@ -216,7 +227,63 @@ def evaluate_quality(
     if samples_path is not None:
         rows = [np.concatenate([s, np.full((30 - len(s), *s.shape[1:]), 255, np.uint8)]) for s in samples if len(s)]
         if rows:
-            _grid(np.concatenate(rows), 10).resize(
+            grid = _grid(np.concatenate(rows), 10).resize(
                 (10 * 2 * resolution, len(rows) * 3 * 2 * resolution), Image.NEAREST
-            ).save(samples_path)
+            )
+            atomic_write(samples_path, lambda tmp: grid.save(tmp, format="PNG"))
     return result
+
+
+def remeasure(folder: str | Path, guidance_scale: float | None = None, update: bool = False) -> dict[str, Any]:
+    """:func:`evaluate_quality` of a built folder with the settings its ``quality.json`` records.
+
+    ``guidance_scale`` overrides the recorded guidance. With ``update`` the result replaces the
+    ``quality`` entry of ``quality.json`` (and the plan's ``eval_guidance``) and redraws
+    ``quality_samples.png``; both are written atomically.
+    """
+    folder = Path(folder)
+    report_path = folder / "quality.json"
+    if not report_path.is_file() or not (folder / "classifier").is_dir():
+        raise CoErasingError(
+            f"{folder} is not a built toy-world folder (no quality.json or classifier/ in it). Pass the folder "
+            "that python -m coerasing.toy.build wrote, e.g. coerasing/assets/toy_world."
+        )
+    report = json.loads(report_path.read_text())
+    plan = report.get("plan", {})
+    guidance = float(plan.get("eval_guidance", TOY_GUIDANCE) if guidance_scale is None else guidance_scale)
+    quality = evaluate_quality(
+        folder,
+        images_per_prompt=int(plan.get("eval_images_per_prompt", 8)),
+        references_per_shape=int(plan.get("eval_references_per_shape", 8)),
+        images_per_reference=int(plan.get("eval_images_per_reference", 2)),
+        num_inference_steps=int(plan.get("eval_steps", 25)),
+        guidance_scale=guidance,
+        seed=int(report.get("seed", 0)),
+        max_prompts=plan.get("eval_max_prompts"),
+        samples_path=folder / "quality_samples.png" if update else None,
+    )
+    if update:
+        report["quality"] = quality
+        report.setdefault("plan", {})["eval_guidance"] = guidance
+        atomic_write_text(report_path, json.dumps(report, indent=2))
+    return quality
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    description = (remeasure.__doc__ or "").split("\n")[0]
+    parser = argparse.ArgumentParser(prog="python -m coerasing.toy.quality", description=description)
+    parser.add_argument("folder", help="a folder written by python -m coerasing.toy.build")
+    parser.add_argument("--guidance_scale", type=float, default=None, help="default: the one quality.json records")
+    parser.add_argument("--update", action="store_true", help="write the result into quality.json")
+    args = parser.parse_args(argv)
+    if args.guidance_scale is not None and args.guidance_scale <= 0:
+        raise CoErasingError(f"--guidance_scale must be positive, got {args.guidance_scale}.")
+    quality = remeasure(args.folder, args.guidance_scale, args.update)
+    for name, target in quality["targets"].items():
+        verdict = "met" if target["passed"] else "MISSED"
+        print(f"{name:18s} {target['measured']:.3f}  (target {target['target']:.2f}, {verdict})")
+    print(f"guidance {quality['settings']['guidance_scale']}, {quality['seconds']} s")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -111,3 +111,24 @@ def test_caption_bank_samples_true_training_captions():
     assert bank.truth(captions, pool.labels).diagonal().all()
     assert (captions > 0).all() and (bank.sample(pool.labels, rng, dropout=1.0) == 0).all()
     assert BUDGETS["smoke"].unet_steps < 10 <= BUDGETS["full"].unet_steps
+
+
+def test_remeasure_rewrites_quality_json_at_a_new_guidance(toy_folder, tmp_path):
+    import shutil
+
+    from coerasing.errors import CoErasingError
+    from coerasing.toy.quality import main, remeasure
+
+    folder = tmp_path / "copy"
+    shutil.copytree(toy_folder, folder)
+    before = json.loads((folder / "quality.json").read_text())
+    dry = remeasure(folder, guidance_scale=1.5)
+    assert dry["settings"]["guidance_scale"] == 1.5
+    assert json.loads((folder / "quality.json").read_text()) == before  # no --update: nothing written
+    main([str(folder), "--guidance_scale", "2.0", "--update"])
+    after = json.loads((folder / "quality.json").read_text())
+    assert after["quality"]["settings"]["guidance_scale"] == 2.0 and after["plan"]["eval_guidance"] == 2.0
+    assert after["timings_s"] == before["timings_s"]
+    assert set(after["quality"]["targets"]) == set(before["quality"]["targets"])
+    with pytest.raises(CoErasingError, match="not a built toy-world folder"):
+        remeasure(tmp_path / "nowhere")

@@ -17,7 +17,7 @@ from diffusers import StableDiffusionPipeline
 import erase_pipeline
 from coerasing.cli import parse_with_config
 from coerasing.config import EraseConfig
-from coerasing.toy import TOY_MODEL_DIR
+from coerasing.toy import TOY_GUIDANCE, TOY_MODEL_DIR
 from coerasing.toy.demo import REPO_ROOT, demo_commands, run_demo
 
 
@@ -29,6 +29,9 @@ def test_shipped_model_loads_in_plain_diffusers_and_states_its_quality():
     assert quality["budget"] == "full" and quality["seed"] == 0
     assert set(quality["quality"]["targets"]) == {"explicit_shape", "explicit_colour", "implicit_shape",
                                                   "ip_adapter_shape"}
+    # The shipped measurement is at the toy world's default guidance, and it meets every target.
+    assert quality["quality"]["settings"]["guidance_scale"] == TOY_GUIDANCE == quality["plan"]["eval_guidance"]
+    assert quality["quality"]["all_passed"]
     size = sum(f.stat().st_size for f in TOY_MODEL_DIR.rglob("*") if f.is_file())
     assert size <= 25 * 2**20
 

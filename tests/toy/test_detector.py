@@ -8,7 +8,7 @@ from coerasing.errors import CoErasingError
 from coerasing.eval import EvalConfig
 from coerasing.eval.detectors import DetectorSpec, build_detector
 from coerasing.eval.prompts import PROMPTS_DIR, load_prompts
-from coerasing.toy import TOY_MODEL_DIR
+from coerasing.toy import TOY_GUIDANCE, TOY_MODEL_DIR
 from coerasing.toy.detector import prompt_csv
 from coerasing.toy.world import SHAPES, Scene, render
 
@@ -19,7 +19,7 @@ def test_shipped_prompt_sets_match_the_generator_and_load(shape):
     assert path.read_text(encoding="utf-8") == prompt_csv(shape)
     rows = load_prompts(f"toy_{shape}")
     assert len({r.seed for r in rows}) == len(rows)
-    assert all(r.guidance == 5.0 and r.extra["shape"] == shape for r in rows)
+    assert all(r.guidance == TOY_GUIDANCE and r.extra["shape"] == shape for r in rows)
     assert {r.extra["kind"] for r in rows} == {"explicit", "implicit"}
 
 
