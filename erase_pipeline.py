@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frozen ε_c and ε_u in one batched call (faster; fp32 results change in the last bits)")
     g.add_argument("--gradient_checkpointing", action="store_true", default=D.gradient_checkpointing,
                    help="recompute UNet activations in backward: less memory, slower")
+    g.add_argument("--compile", action="store_true", default=D.compile,
+                   help="torch.compile the no-gradient UNet calls (partial denoising, frozen model); "
+                        "first iterations slower, fp32 results change in the last bits")
     g = p.add_argument_group("stage 2 (image)")
     g.add_argument("--image", default=D.image, help="folder of reference images of the concept, or one image")
     g.add_argument("--image_number", type=int, default=D.image_number, help="seeded random subset size of --image")

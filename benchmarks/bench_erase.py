@@ -3,7 +3,7 @@
 
     python benchmarks/bench_erase.py --arch tiny --device cpu            # this CPU, tiny random stack
     python benchmarks/bench_erase.py --arch sd14 --device cuda:0         # SD v1.4 architecture, random weights
-    python benchmarks/bench_erase.py --arch toy --model_dir PATH         # a trained toy-world folder
+    python benchmarks/bench_erase.py --arch toy --compile                # the shipped toy-world model
 
 Three loops run *interleaved* (one iteration of each per round, in rotating order) so machine
 noise hits them alike, and every loop gets the same bucket ``k`` and timestep ``t`` each round, so
@@ -14,7 +14,8 @@ they do the same amount of partial denoising:
   embedding the released code computes), the prompt re-encoded every iteration in text mode,
   and ε_c and ε_u as two separate frozen calls;
 - ``ours``: ``erase_pipeline.py``'s default loop (fp32; bit-identical results to before);
-- ``fastest``: ours with ``--batch_reference`` (one frozen call) and, on GPU, ``--mixed_precision bf16``.
+- ``fastest``: ours with ``--batch_reference`` (one frozen call), with ``--compile`` if the benchmark
+  is given ``--compile``, and on GPU with ``--mixed_precision bf16``.
 
 Peak memory is measured per loop in a fresh subprocess (CUDA peak allocated on GPU, peak RSS on
 CPU). The table prints medians and the ratio reference/ours; ``--json`` writes everything.
@@ -49,6 +50,8 @@ from coerasing.objectives import (  # noqa: E402
 )
 from coerasing.sampling import denoise_to_bucket  # noqa: E402
 from coerasing.testing import build_tiny_stack, make_reference_images  # noqa: E402
+from coerasing.toy import TOY_MODEL_DIR  # noqa: E402
+from coerasing.toy.world import heldout_scenes, render  # noqa: E402
 from coerasing.train import Eraser  # noqa: E402
 
 LOOPS = ("reference", "ours", "fastest")
@@ -70,11 +73,13 @@ def prepare_models(arch: str, model_dir: str | None, workdir: Path) -> dict[str,
             "image_encoder_path": str(stack.image_encoder_path),
             "image": str(images),
         }
-    if not model_dir:
-        raise SystemExit("--arch toy needs --model_dir (the toy-world model folder)")
-    folder = Path(model_dir)
+    folder = Path(model_dir) if model_dir else TOY_MODEL_DIR
     adapter = next(iter(sorted(folder.glob("ip-adapter*.bin"))), None)
-    make_reference_images(images, 8, size=64)
+    if not (folder / "model_index.json").is_file() or adapter is None:
+        raise SystemExit(f"--model_dir {folder} is not a toy-world folder (model_index.json, ip-adapter*.bin)")
+    images.mkdir(parents=True, exist_ok=True)
+    for i, scene in enumerate(heldout_scenes(8, seed=0, shape="circle")):  # renders of the erased concept
+        render(scene).save(images / f"{i:02d}.png")
     return {
         "ckpt_path": str(folder),
         "ip_adapter": str(adapter),
@@ -104,6 +109,7 @@ def make_config(paths: dict[str, str], stage: str, loop: str, device: str, args,
         config.text_uncond = True
     if loop == "fastest":
         config.batch_reference = True
+        config.compile = args.compile
         if torch.device(device).type == "cuda":
             config.mixed_precision = "bf16"
     return config.validate()
@@ -194,7 +200,7 @@ def measure_memory(paths, stage: str, loop: str, args, workdir: Path) -> float:
         sys.executable, __file__, "--_memory", json.dumps({"paths": paths, "stage": stage, "loop": loop}),
         "--device", args.device, "--train_method", args.train_method,
         "--num_inference_steps", str(args.num_inference_steps), "--workdir", str(workdir),
-    ] + (["--gradient_checkpointing"] if args.gradient_checkpointing else [])
+    ] + (["--gradient_checkpointing"] if args.gradient_checkpointing else []) + (["--compile"] if args.compile else [])
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return float(result.stdout.strip().splitlines()[-1])
 
@@ -221,7 +227,8 @@ def _memory_child(spec: str, args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", choices=("tiny", "sd14", "toy"), default="tiny")
-    parser.add_argument("--model_dir", help="toy-world model folder (for --arch toy)")
+    parser.add_argument("--model_dir", help="toy-world model folder for --arch toy (default: the shipped one)")
+    parser.add_argument("--compile", action="store_true", help="the fastest loop also uses --compile")
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--stage", choices=("text", "image", "both"), default="both")
     parser.add_argument("--train_method", default="noxattn")
@@ -251,7 +258,8 @@ def main() -> None:
             "arch": args.arch, "device": args.device, "device_name": device_name or platform.machine(),
             "threads": torch.get_num_threads(), "num_inference_steps": args.num_inference_steps,
             "train_method": args.train_method, "iterations": args.iterations, "warmup": args.warmup,
-            "gradient_checkpointing": args.gradient_checkpointing, "torch": torch.__version__, "stages": {},
+            "gradient_checkpointing": args.gradient_checkpointing, "compile": args.compile,
+            "torch": torch.__version__, "stages": {},
         }
         for stage in stages:
             times = time_stage(paths, stage, args, workdir)
@@ -265,7 +273,7 @@ def main() -> None:
 
     memory_kind = "CUDA peak allocated" if args.device.startswith("cuda") else "peak RSS"
     print(f"\n{args.arch} on {results['device_name']} ({args.device}, {results['threads']} threads), "
-          f"S={args.num_inference_steps}, --train_method {args.train_method}, "
+          f"S={args.num_inference_steps}, --train_method {args.train_method}, fastest compiled: {args.compile}, "
           f"median of {args.iterations} after {args.warmup} warm-up")
     print(f"| stage | loop | s/iteration | {memory_kind} GiB | reference / loop |")
     print("|---|---|---|---|---|")

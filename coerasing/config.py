@@ -87,6 +87,7 @@ class EraseConfig:
     save_format: str = "pth"
     batch_reference: bool = False
     gradient_checkpointing: bool = False
+    compile: bool = False
 
     @property
     def save_formats(self) -> list[str]:

@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import checkpoints as ckpt
+from .acceleration import compile_for_inference
 from .config import EraseConfig
 from .errors import CoErasingError, NonFiniteLossError
 from .formats import load_unet_checkpoint_into, save_formats
@@ -263,6 +264,13 @@ class Eraser:
             self.image_tokens = _build_image_tokens(
                 config, references, text, models.frozen_handle, models.frozen_device, models.frozen_dtype
             )
+        # --compile: the no-gradient calls (partial denoising, frozen ε_u/ε_c) go through compiled
+        # wrappers that share the eager modules' parameters; the trained forward stays eager.
+        self.sampling_unet = models.trainable
+        self.frozen_unet = models.frozen
+        if config.compile:
+            self.sampling_unet = compile_for_inference(models.trainable, models.train_device)
+            self.frozen_unet = compile_for_inference(models.frozen, models.frozen_device)
 
     # -- one iteration ----------------------------------------------------------------------
 
@@ -274,7 +282,7 @@ class Eraser:
 
     def _sampling_fn(self, text_states: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """ε_θ for the partial trajectory: text only, optional classifier-free guidance (§4 step 3)."""
-        unet, guidance = self.models.trainable, self.config.sampling_guidance
+        unet, guidance = self.sampling_unet, self.config.sampling_guidance
         uncond = self.uncond_states.to(text_states.device, text_states.dtype)
 
         def noise_pred(latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
@@ -306,7 +314,7 @@ class Eraser:
         t = torch.tensor([timestep], device=device)
         cond, uncond = prompt_states.to(device, dtype), self.uncond_states.to(device, dtype)
         uncond_tokens = None if config.text_uncond else image_tokens
-        frozen, handle = models.frozen, models.frozen_handle
+        frozen, handle = self.frozen_unet, models.frozen_handle
         if not config.batch_reference:
             eps_c = unet_noise_pred(frozen, z, t, cond, image_tokens, handle)
             eps_u = unet_noise_pred(frozen, z, t, uncond, uncond_tokens, handle)

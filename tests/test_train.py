@@ -109,11 +109,11 @@ def test_contrastive_mode_trains(tiny_stack, tmp_path):
         assert erase(config).exists()
 
 
-def _losses(tiny_stack, images, folder, **overrides) -> tuple[list[float], dict]:
+def _losses(tiny_stack, images, folder, eraser=None, **overrides) -> tuple[list[float], dict]:
     """Six iterations with forced buckets, so every variant does the same draws."""
     from coerasing.train import Eraser
 
-    eraser = Eraser(make_config(tiny_stack, folder, "image", images, **overrides))
+    eraser = eraser or Eraser(make_config(tiny_stack, folder, "image", images, **overrides))
     losses = []
     for i in range(6):
         loss, _, _ = eraser.step(bucket=(9 - i % 3, 150 + i))
@@ -143,3 +143,39 @@ def test_bf16_loss_within_documented_tolerance_of_fp32(tiny_stack, reference_ima
     bf16, _ = _losses(tiny_stack, reference_images, tmp_path / "b", mixed_precision="bf16")
     assert bf16 == pytest.approx(fp32, rel=0.01)
     assert bf16 != fp32  # it really ran in bf16
+
+
+def test_compile_matches_the_eager_loop(tiny_stack, reference_images, tmp_path):
+    """--compile: same losses as eager up to rounding, and the compiled calls see weight updates."""
+    from coerasing.train import Eraser
+
+    eager, _ = _losses(tiny_stack, reference_images, tmp_path / "a", batch_reference=True)
+    eraser = Eraser(make_config(tiny_stack, tmp_path / "b", "image", reference_images, batch_reference=True,
+                                compile=True))
+    compiled, _ = _losses(tiny_stack, reference_images, tmp_path / "b", eraser=eraser)
+    assert compiled == pytest.approx(eager, rel=1e-3)
+
+    unet = eraser.models.trainable
+    latents = torch.randn(eraser.latent_shape, generator=torch.Generator().manual_seed(0))
+    states, t = eraser.prompt_states[0], torch.tensor(500)
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode():
+            return (eraser.sampling_unet(latents, t, encoder_hidden_states=states).sample,
+                    unet(latents, t, encoder_hidden_states=states).sample)
+
+    before, _ = both()
+    with torch.no_grad():  # an in-place update, like the optimizer's
+        for parameter in eraser.parameters:
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    after, eager_after = both()
+    assert torch.allclose(after, eager_after, atol=1e-4) and not torch.allclose(after, before, atol=1e-3)
+
+
+def test_compile_without_a_cpu_compiler_is_a_clear_error(monkeypatch):
+    from coerasing import acceleration
+
+    monkeypatch.setattr(acceleration.shutil, "which", lambda name: None)
+    with pytest.raises(CoErasingError, match="needs a C\\+\\+ compiler"):
+        acceleration.check_compile_support(torch.device("cpu"))
+    acceleration.check_compile_support(torch.device("cuda"))  # no host compiler needed to check
