@@ -12,5 +12,5 @@ TOY_MODEL_DIR: Path = Path(__file__).resolve().parents[1] / "assets" / "toy_worl
 #: Classifier-free guidance the toy model is generated and evaluated at (quality.json, the demo,
 #: the toy prompt sets). Chosen by measurement: on the held-out prompts prompted-colour accuracy is
 #: 99.5 % at 2, 97.0 % at 3, 87.5 % at 4, 83.5 % at 5 and 73.0 % at 7.5 (higher guidance pushes
-#: red and purple towards yellow and blue); 3 is the largest value that meets every quality target.
+#: red and purple towards yellow and blue); 3 is the largest of these that meets every quality target.
 TOY_GUIDANCE: float = 3.0
