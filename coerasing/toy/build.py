@@ -57,7 +57,7 @@ from ..checkpoints import atomic_write_text
 from ..testing import CLIP_TOKENIZER_DIR, SD14_SCHEDULER_CONFIG, load_clip_tokenizer
 from . import TOY_GUIDANCE
 from .classifier import CLASSIFIER_SHAPES, NO_SHAPE, ToyClassifier
-from .quality import IP_ADAPTER_SAFETENSORS_NAME, IP_ADAPTER_WEIGHT_NAME, evaluate_quality
+from .quality import IP_ADAPTER_SAFETENSORS_NAME, IP_ADAPTER_WEIGHT_NAME, evaluate_quality, plan_settings
 from .world import (
     BACKGROUNDS,
     COLOURS,
@@ -948,15 +948,7 @@ def build_toy_world(
         with _timed("(f) quality", timings, log):
             _rng(seed, _EVAL)
             report["quality"] = evaluate_quality(
-                folder,
-                images_per_prompt=plan.eval_images_per_prompt,
-                references_per_shape=plan.eval_references_per_shape,
-                images_per_reference=plan.eval_images_per_reference,
-                num_inference_steps=plan.eval_steps,
-                guidance_scale=plan.eval_guidance,
-                seed=seed,
-                max_prompts=plan.eval_max_prompts,
-                device=device,
+                folder, **plan_settings(asdict(plan)), seed=seed, device=device,
                 samples_path=folder / "quality_samples.png",
             )
     report["train_loss"] = dict(LOSSES)

@@ -234,6 +234,18 @@ def evaluate_quality(
     return result
 
 
+def plan_settings(plan: dict[str, Any]) -> dict[str, Any]:
+    """:func:`evaluate_quality`'s settings from a build plan's ``eval_*`` fields (``quality.json``'s ``plan``)."""
+    return {
+        "images_per_prompt": int(plan.get("eval_images_per_prompt", 8)),
+        "references_per_shape": int(plan.get("eval_references_per_shape", 8)),
+        "images_per_reference": int(plan.get("eval_images_per_reference", 2)),
+        "num_inference_steps": int(plan.get("eval_steps", 25)),
+        "guidance_scale": float(plan.get("eval_guidance", TOY_GUIDANCE)),
+        "max_prompts": plan.get("eval_max_prompts"),
+    }
+
+
 def remeasure(folder: str | Path, guidance_scale: float | None = None, update: bool = False) -> dict[str, Any]:
     """:func:`evaluate_quality` of a built folder with the settings its ``quality.json`` records.
 
@@ -250,21 +262,14 @@ def remeasure(folder: str | Path, guidance_scale: float | None = None, update: b
         )
     report = json.loads(report_path.read_text())
     plan = report.get("plan", {})
-    guidance = float(plan.get("eval_guidance", TOY_GUIDANCE) if guidance_scale is None else guidance_scale)
-    quality = evaluate_quality(
-        folder,
-        images_per_prompt=int(plan.get("eval_images_per_prompt", 8)),
-        references_per_shape=int(plan.get("eval_references_per_shape", 8)),
-        images_per_reference=int(plan.get("eval_images_per_reference", 2)),
-        num_inference_steps=int(plan.get("eval_steps", 25)),
-        guidance_scale=guidance,
-        seed=int(report.get("seed", 0)),
-        max_prompts=plan.get("eval_max_prompts"),
-        samples_path=folder / "quality_samples.png" if update else None,
-    )
+    settings = plan_settings(plan)
+    if guidance_scale is not None:
+        settings["guidance_scale"] = float(guidance_scale)
+    samples = folder / "quality_samples.png" if update else None
+    quality = evaluate_quality(folder, **settings, seed=int(report.get("seed", 0)), samples_path=samples)
     if update:
         report["quality"] = quality
-        report.setdefault("plan", {})["eval_guidance"] = guidance
+        report.setdefault("plan", {})["eval_guidance"] = settings["guidance_scale"]
         atomic_write_text(report_path, json.dumps(report, indent=2))
     return quality
 
