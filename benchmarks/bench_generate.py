@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from coerasing.reference_images import load_generation_pipeline  # noqa: E402
+from coerasing.generation import load_generation_pipeline  # noqa: E402
 from coerasing.testing import build_tiny_stack  # noqa: E402
 
 

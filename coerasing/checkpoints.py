@@ -1,86 +1,33 @@
-"""Checkpoints: atomic writes, strict UNet loading, resumable training state, run metadata.
+"""The run folder of a training run: resume state, ``run.json`` and the loss log.
 
-- ``unet.pth`` / ``unet_<iter>.pth``: a plain diffusers UNet state dict of CPU tensors, no
-  IP-Adapter key; loads with ``unet.load_state_dict(torch.load(p, weights_only=True), strict=True)``.
-  (Reading checkpoints, ours and other tools', is :mod:`coerasing.formats`.)
 - ``train_state.pt``: optimizer, iteration and RNG state of the newest periodic checkpoint, for
   ``--resume``.
-- ``run.json``: resolved config, seed, library versions and git commit; ``loss.csv``: the loss log.
-Every file is written to a temporary name in the same folder and renamed into place, so a crash
-never leaves a half-written checkpoint.
+- ``run.json``: resolved config, library versions, git commit and command line, written by
+  :func:`write_run_json` (the one writer of ``run.json`` for every command).
+- ``loss.csv``: the loss log (:class:`LossLog`).
+
+The weights themselves (``unet.pth``, ``unet_<iter>.pth`` and the other formats) are written and read
+by :mod:`coerasing.formats`. Every file is written atomically (:mod:`coerasing.files`).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
 import platform
 import re
 import subprocess
 import sys
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
 from .errors import CoErasingError
+from .files import atomic_write, atomic_write_text
 
 TRAIN_STATE = "train_state.pt"
 _PERIODIC = re.compile(r"^unet_(\d+)\.pth$")
-
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success rename it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` and move ``tmp`` onto ``path`` atomically."""
-    with atomic_path(path) as tmp:
-        write(tmp)
-    return Path(path)
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def unet_state_dict(unet: torch.nn.Module, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """CPU copy of ``unet``'s weights restricted to ``keys`` (the plain UNet's keys)."""
-    state = unet.state_dict()
-    if keys is not None:
-        missing = [key for key in keys if key not in state]
-        if missing:
-            raise RuntimeError(f"UNet lost {len(missing)} keys, e.g. {missing[:3]}")
-        state = {key: state[key] for key in keys}
-    return {key: value.detach().to("cpu", copy=True).contiguous() for key, value in state.items()}
-
-
-def save_unet(unet: torch.nn.Module, path: str | Path, keys: list[str] | None = None) -> Path:
-    """Atomically save a plain UNet state dict (see module docstring)."""
-    state = unet_state_dict(unet, keys)
-    return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,7 +93,10 @@ def git_commit(path: str | Path | None = None) -> str | None:
 
 
 def write_run_json(folder: str | Path, config: dict[str, Any], **extra: Any) -> Path:
-    """Write ``run.json``: resolved config, versions, commit, command line, and ``extra``."""
+    """Write ``folder/run.json``: resolved config, library versions, commit, command line, and ``extra``.
+
+    Every command that writes results (training, generation, attack, comparison) records itself so.
+    """
     payload = {
         "config": config,
         "versions": library_versions(),

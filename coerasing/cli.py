@@ -12,55 +12,39 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from .errors import CoErasingError
-
-_TRUE = {"1", "true", "yes", "on"}
+from .flags import parse_config
 
 
 def _warning_format(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
     return f"warning: {message}\n"
 
 
-def read_yaml_config(path: str, known: set[str]) -> dict[str, Any]:
-    """Read ``--config FILE.yaml``: a flat mapping of flag names (without ``--``) to values."""
-    file = Path(path).expanduser()
-    try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    except OSError as exc:
-        raise CoErasingError(f"--config {path} cannot be read ({exc}).") from exc
-    except yaml.YAMLError as exc:
-        raise CoErasingError(f"--config {path} is not valid YAML ({exc}).") from exc
-    if not isinstance(data, dict):
-        raise CoErasingError(f"--config {path} must be a mapping of flag names to values.")
-    data = {str(key).lstrip("-").replace("-", "_"): value for key, value in data.items()}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise CoErasingError(
-            f"--config {path} has unknown keys: {', '.join(unknown)}. Keys are flag names without "
-            "the leading dashes, e.g. 'train_method: noxattn'."
-        )
-    return data
+def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None, config_cls: type) -> Any:
+    """Parse ``argv`` (and ``--config FILE.yaml``) into a validated ``config_cls``; the command line wins."""
+    return parse_config(config_cls, parser, argv)
 
 
-def str2bool(value: str | bool) -> bool:
-    return value if isinstance(value, bool) else str(value).lower() in _TRUE
+def split_method(argv: Sequence[str] | None, default: str) -> tuple[str, list[str]]:
+    """``--method NAME`` from the command line or from ``--config`` (the command line wins), and the rest.
 
-
-def parse_with_config(
-    parser: argparse.ArgumentParser, argv: Sequence[str] | None, config_cls: type
-) -> Any:
-    """Parse ``argv`` with YAML defaults from ``--config``; the command line overrides the file."""
-    from .config import config_fields
-
+    ``--method`` picks which eraser ``erase_pipeline.py`` trains, and with it which flags exist, so it
+    is read before the method's own parser. A ``method:`` key in the YAML file is removed from it.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method")
     pre.add_argument("--config")
-    known, _ = pre.parse_known_args(argv)
-    names = config_fields(config_cls)
+    known, rest = pre.parse_known_args(argv)
+    method = known.method
     if known.config:
-        parser.set_defaults(**read_yaml_config(known.config, names))
-    namespace = vars(parser.parse_args(argv))
-    namespace.pop("config", None)
-    return config_cls(**{key: namespace[key] for key in names}).validate()
+        rest = [*rest, "--config", known.config]
+        try:
+            data = yaml.safe_load(Path(known.config).expanduser().read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            data = None  # the method's own parser reports the unreadable file
+        if isinstance(data, dict) and "method" in data:
+            method = method or str(data["method"])
+    return method or default, rest
 
 
 def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> int:

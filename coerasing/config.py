@@ -1,20 +1,30 @@
-"""Run configurations as data: one validated object per command (flags ⇄ YAML ⇄ dataclass)."""
+"""Run configurations as data: one validated dataclass per command, each field declared once as a flag.
+
+:class:`EraseConfig` is ``erase_pipeline.py`` (stages 1 and 2), :class:`GenerateConfig` is
+``generate_data.py``. Every field is a :func:`coerasing.flags.flag`: the parser, the YAML reader,
+the typed conversion, the range checks and the ``--resume`` fingerprint all come from it.
+"""
 
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .choices import (
+    DEFAULT_IMAGE_ENCODER,
+    DEFAULT_IP_ADAPTER,
+    DEFAULT_MODEL,
+    DIFF_METHODS,
+    MODALITIES,
+    PRECISIONS,
+    SAMPLERS,
+    SAVE_FORMATS,
+    TRAIN_METHODS,
+)
 from .errors import CoErasingError
-from .formats import parse_save_formats
-from .images import DIFF_METHODS
-from .ip_adapter import DEFAULT_IMAGE_ENCODER, DEFAULT_IP_ADAPTER
-from .models import DEFAULT_MODEL, DTYPES
-from .params import check_train_method
-from .sampling import SAMPLERS
+from .flags import SEED_MAX, check_fields, check_output_fields, flag
 
 ARTISTS = {
     "van gogh", "vincent van gogh", "picasso", "pablo picasso", "monet", "claude monet",
@@ -22,6 +32,9 @@ ARTISTS = {
     "thomas kinkade", "kilian eng", "ajin demi human", "leonardo da vinci", "michelangelo",
     "frida kahlo", "gustav klimt", "edvard munch", "hokusai", "greg rutkowski",
 }
+
+#: Upper bound of step counts: SD's DDPM schedule has 1000 training timesteps.
+MAX_STEPS = 1000
 
 
 def safe_name(text: str, what: str = "name") -> str:
@@ -44,50 +57,100 @@ def default_prompt_template(label: str) -> str:
     return "a drawing of {label}" if label.strip().lower() in ARTISTS else "a photo of {label}"
 
 
+def parse_save_formats(spec: str) -> list[str]:
+    """``"pth,safetensors"`` → ``["pth", "safetensors"]`` (order kept, duplicates dropped)."""
+    formats: list[str] = []
+    for item in (str(item).strip().lower() for item in spec.split(",")):
+        if item and item not in formats:
+            formats.append(item)
+    unknown = [item for item in formats if item not in SAVE_FORMATS]
+    if unknown or not formats:
+        found = f"unknown format(s) {', '.join(unknown)}" if unknown else "no format"
+        raise CoErasingError(
+            f"--save_format {spec!r}: found {found}. Accepted: a comma-separated subset of "
+            f"{', '.join(SAVE_FORMATS)} (e.g. 'pth,safetensors')."
+        )
+    return formats
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise CoErasingError(message)
+
+
+WHAT, MODELS, IMAGE, OUTPUTS = "what to erase", "models and devices", "stage 2 (image)", "outputs"
 
 
 @dataclass
 class EraseConfig:
     """Everything one ``erase_pipeline.py`` run depends on (flag names of the released code)."""
 
-    modality: str = "text"
-    train_method: str | None = None
-    prompt: str | None = None
-    iterations: int = 1000
-    lr: float = 1e-5
-    devices: str | None = None
-    ckpt_path: str = DEFAULT_MODEL
-    unet_ckpt_path: str | None = None
-    image_encoder_path: str = DEFAULT_IMAGE_ENCODER
-    ip_adapter: str = DEFAULT_IP_ADAPTER
-    output_dir: str = "checkpoints"
-    save_iter: int = 500
-    negative_guidance: float = 1.0
-    image: str | None = None
-    contrastive_image: str | None = None
-    diff_method: str = "diff"
-    use_average: bool = False
-    contrastive_size: int = 1
-    image_number: int = 1000
-    noise_factor: float = 0.0
-    blur_factor: int = 3
-    seed: int = 0
-    save_path: str | None = None
-    text_uncond: bool = False
-    text_guide: str | None = None
-    logging_dir: str | None = None
-    num_inference_steps: int = 50
-    sampler: str = "ddpm"
-    sampling_guidance: float = 1.0
-    mixed_precision: str = "no"
-    resume: bool = False
-    save_format: str = "pth"
-    batch_reference: bool = False
-    gradient_checkpointing: bool = False
-    compile: bool = False
+    modality: str = flag("text", group=WHAT, choices=MODALITIES, resume=True,
+                         help="text = stage 1 (ESD), image = stage 2 (Co-Erasing)")
+    prompt: str | None = flag(None, group=WHAT, resume=True,
+                              help="(required) concept to erase; a comma-separated list picks one per iteration")
+    train_method: str | None = flag(None, group=WHAT, choices=TRAIN_METHODS, resume=True,
+                                    help="(required) which UNet parameters are trained")
+    negative_guidance: float = flag(1.0, group=WHAT, min=-100, max=100, resume=True,
+                                    help="η in the target ε_u − η(ε_c − ε_u) (docs/method.md Eq. 3)")
+    iterations: int = flag(1000, group=WHAT, min=1, max=10_000_000, help="training iterations (batch 1)")
+    lr: float = flag(1e-5, group=WHAT, min=0, max=10.0, exclusive_min=True, resume=True, help="Adam learning rate")
+    seed: int = flag(0, group=WHAT, min=0, max=SEED_MAX, resume=True, help="seeds all randomness")
+    num_inference_steps: int = flag(50, group=WHAT, min=1, max=MAX_STEPS, resume=True,
+                                    help="S, the number of steps of the partial-denoising schedule")
+    sampler: str = flag("ddpm", group=WHAT, choices=SAMPLERS, resume=True,
+                        help="partial-denoising sampler: ddpm (released code) or ddim (original ESD)")
+    sampling_guidance: float = flag(1.0, group=WHAT, min=0, max=100, resume=True,
+                                    help="classifier-free guidance of the partial denoising (1 = conditional only)")
+    ckpt_path: str = flag(DEFAULT_MODEL, group=MODELS, resume=True,
+                          help="base SD model: Hub id or local diffusers folder")
+    unet_ckpt_path: str | None = flag(None, group=MODELS, resume=True,
+                                      help="UNet weights to start from (stage 1's unet.pth or any accepted format)")
+    ip_adapter: str = flag(DEFAULT_IP_ADAPTER, group=MODELS, resume=True,
+                           help="IP-Adapter weights (stage 2): file, h94-like folder or Hub path")
+    image_encoder_path: str = flag(DEFAULT_IMAGE_ENCODER, group=MODELS, resume=True,
+                                   help="IP-Adapter image encoder: folder or Hub path")
+    devices: str | None = flag(None, group=MODELS,
+                               help="'0,1': frozen models on GPU 0, trained UNet on GPU 1; '0'; 'cpu' "
+                                    "(default: cuda:0 if present, else cpu)")
+    mixed_precision: str = flag("no", group=MODELS, choices=PRECISIONS, resume=True,
+                                help="frozen models in fp16/bf16, trained UNet in fp32 with autocast")
+    batch_reference: bool = flag(False, group=MODELS, resume=True,
+                                 help="frozen ε_c and ε_u in one batched call (fp32 results change in the last bits)")
+    gradient_checkpointing: bool = flag(False, group=MODELS,
+                                        help="recompute UNet activations in backward: less memory, slower")
+    compile: bool = flag(False, group=MODELS,
+                         help="torch.compile the no-gradient UNet calls (partial denoising, frozen model)")
+    image: str | None = flag(None, group=IMAGE, resume=True,
+                             help="folder of reference images of the concept, or one image")
+    image_number: int = flag(1000, group=IMAGE, min=1, max=10_000_000, resume=True,
+                             help="size of the seeded random subset of --image")
+    text_guide: str | None = flag(None, group=IMAGE, resume=True,
+                                  help="text that refines the image tokens (docs/method.md Eq. 5)")
+    text_uncond: bool = flag(False, group=IMAGE, resume=True,
+                             help="the reference's ε_u is a text-only call (no image branch)")
+    blur_factor: int = flag(3, group=IMAGE, max=255, resume=True,
+                            help="odd Gaussian kernel on the latent; 0 = off")
+    noise_factor: float = flag(0.0, group=IMAGE, min=0, max=1e6, resume=True,
+                               help="add f·U[0,1) to the image tokens")
+    contrastive_image: str | None = flag(None, group=IMAGE, resume=True,
+                                         help="folder of pair folders with positive.png / negative.png")
+    diff_method: str = flag("diff", group=IMAGE, choices=DIFF_METHODS, resume=True, help="contrastive direction")
+    use_average: bool = flag(False, group=IMAGE, resume=True,
+                             help="contrastive: average all pairs instead of random pairs per iteration")
+    contrastive_size: int = flag(1, group=IMAGE, min=1, max=1_000_000, resume=True,
+                                 help="contrastive: random pairs averaged per iteration")
+    output_dir: str = flag("checkpoints", group=OUTPUTS, output=True, help="root of the default checkpoint folders")
+    save_path: str | None = flag(None, group=OUTPUTS, output=True,
+                                 help="checkpoint folder (overrides the default layout)")
+    save_format: str = flag("pth", group=OUTPUTS,
+                            help="final checkpoint formats, comma-separated: pth, safetensors, diffusers")
+    save_iter: int = flag(500, group=OUTPUTS, min=1, max=10_000_000, help="write unet_<iter>.pth every N iterations")
+    logging_dir: str | None = flag(None, group=OUTPUTS, output=True,
+                                   help="TensorBoard folder (default: <save folder>/log)")
+    resume: bool = flag(False, group=OUTPUTS, help="continue from the newest periodic checkpoint")
+    overwrite: bool = flag(False, group=OUTPUTS,
+                           help="start afresh in a folder that already holds a run (its files are replaced)")
 
     @property
     def save_formats(self) -> list[str]:
@@ -105,21 +168,14 @@ class EraseConfig:
 
     def validate(self) -> EraseConfig:
         """Check every value; raise :class:`CoErasingError` naming the flag and the fix."""
-        _require(self.modality in ("text", "image"), f"--modality {self.modality!r} must be 'text' or 'image'.")
         _require(self.train_method is not None, "--train_method is required, e.g. --train_method noxattn.")
-        check_train_method(self.train_method)
+        check_fields(self)
         _require(bool(self.prompts), "--prompt is empty. Name the concept to erase, e.g. --prompt 'nudity'.")
-        _require(self.iterations > 0, f"--iterations must be a positive number, got {self.iterations}.")
-        _require(self.save_iter > 0, f"--save_iter must be a positive number, got {self.save_iter}.")
-        _require(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, got {self.lr}.")
-        _require(math.isfinite(self.negative_guidance), "--negative_guidance must be a finite number.")
-        _require(self.num_inference_steps > 0, "--num_inference_steps must be a positive number.")
-        _require(self.sampler in SAMPLERS, f"--sampler must be one of {', '.join(SAMPLERS)}.")
-        _require(self.mixed_precision in DTYPES, f"--mixed_precision must be one of {', '.join(DTYPES)}.")
         _require(
             self.blur_factor == 0 or (self.blur_factor > 0 and self.blur_factor % 2 == 1),
             f"--blur_factor must be 0 (off) or a positive odd kernel size such as 3 or 5, got {self.blur_factor}.",
         )
+        _require(not (self.resume and self.overwrite), "--resume and --overwrite contradict each other; pick one.")
         self.save_formats  # noqa: B018 - raises for unknown formats
         if self.image_stage:
             _require(
@@ -127,17 +183,16 @@ class EraseConfig:
                 "--modality image needs exactly one of --image (a folder of reference images or one "
                 "image) and --contrastive_image (a folder of positive/negative pair folders).",
             )
-            _require(self.image_number > 0, f"--image_number must be positive, got {self.image_number}.")
-            _require(self.diff_method in DIFF_METHODS, f"--diff_method must be one of {', '.join(DIFF_METHODS)}.")
-            _require(self.contrastive_size > 0, "--contrastive_size must be positive.")
             _require(self.text_guide is None or bool(self.text_guide.strip()), "--text_guide is empty.")
+        check_output_fields(self)
+        self.run_folder()  # noqa: B018 - raises for prompts that give no folder name
         return self
 
     def run_folder(self) -> Path:
         """Where checkpoints go: ``--save_path`` or the released code's default layout."""
         if self.save_path:
-            return Path(self.save_path)
-        base = Path(self.output_dir) / self.modality / safe_name(self.prompt or "", "--prompt")
+            return Path(self.save_path).expanduser()
+        base = Path(self.output_dir).expanduser() / self.modality / safe_name(self.prompt or "", "--prompt")
         if not self.image_stage:
             return base / "unet"
         name = f"unet_{self.train_method}_im{self.image_number}_ng{self.negative_guidance}_it{self.iterations}"
@@ -151,43 +206,40 @@ class EraseConfig:
 class GenerateConfig:
     """Everything one ``generate_data.py`` run depends on."""
 
-    label: str | None = None
-    ckpt_path: str = DEFAULT_MODEL
-    num_images: int = 500
-    prompt_template: str | None = None
-    output_dir: str = "generation_dataset"
-    seed: int = 0
-    batch_size: int = 1
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
-    height: int | None = None
-    width: int | None = None
-    device: str | None = None
-    mixed_precision: str = "no"
+    label: str | None = flag(None, help="(required) the concept, e.g. nudity, 'van gogh', church")
+    ckpt_path: str = flag(DEFAULT_MODEL, help="base SD model: Hub id or local diffusers folder")
+    num_images: int = flag(500, min=1, max=1_000_000, help="number of images")
+    prompt_template: str | None = flag(
+        None, help="prompt with {label}; default 'a photo of {label}' ('a drawing of {label}' for artists)")
+    output_dir: str = flag("generation_dataset", output=True, help="images go to <output_dir>/<label>/")
+    seed: int = flag(0, min=0, max=SEED_MAX, help="image i uses seed + i")
+    batch_size: int = flag(1, min=1, max=4096, help="images per pipeline call")
+    num_inference_steps: int = flag(50, min=1, max=MAX_STEPS, help="sampler steps")
+    guidance_scale: float = flag(7.5, min=0, max=100, help="classifier-free guidance")
+    height: int | None = flag(None, min=8, max=8192, help="image height, a multiple of 8 (default: the model's)")
+    width: int | None = flag(None, min=8, max=8192, help="image width, a multiple of 8 (default: the model's)")
+    device: str | None = flag(None, help="e.g. 0, cuda:1, cpu (default: cuda:0 if present)")
+    mixed_precision: str = flag("no", choices=PRECISIONS, help="fp16 (GPU only) or bf16")
 
     @property
     def prompt(self) -> str:
         template = self.prompt_template or default_prompt_template(self.label or "")
-        return template.format(label=self.label)
+        return template.replace("{label}", self.label or "")
 
     @property
     def folder(self) -> Path:
-        return Path(self.output_dir) / safe_name(self.label or "", "--label")
+        return Path(self.output_dir).expanduser() / safe_name(self.label or "", "--label")
 
     def validate(self) -> GenerateConfig:
         _require(bool(self.label and self.label.strip()), "--label is required, e.g. --label nudity.")
+        check_fields(self)
         self.folder  # noqa: B018 - raises for labels that give no folder name
         if self.prompt_template is not None:
             _require("{label}" in self.prompt_template, "--prompt_template must contain {label}.")
-        _require(self.num_images > 0, f"--num_images must be positive, got {self.num_images}.")
-        _require(self.batch_size > 0, f"--batch_size must be positive, got {self.batch_size}.")
-        _require(self.num_inference_steps > 0, "--num_inference_steps must be positive.")
         for name in ("height", "width"):
             value = getattr(self, name)
-            _require(value is None or (value > 0 and value % 8 == 0), f"--{name} must be a positive multiple of 8.")
-        _require(self.mixed_precision in DTYPES, f"--mixed_precision must be one of {', '.join(DTYPES)}.")
+            _require(value is None or value % 8 == 0, f"--{name} must be a positive multiple of 8, got {value}.")
+        _require(self.seed + self.num_images - 1 <= 2**64 - 1,
+                 f"--seed {self.seed} + --num_images {self.num_images} runs past the largest seed (2**64 - 1).")
+        check_output_fields(self)
         return self
-
-
-def config_fields(cls: type) -> set[str]:
-    return {f.name for f in fields(cls)}

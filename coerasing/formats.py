@@ -33,12 +33,13 @@ from typing import Any
 
 import torch
 
-from .checkpoints import atomic_write, unet_state_dict
+from .choices import DEFAULT_MODEL, SAVE_FORMATS
 from .errors import CoErasingError
+from .files import atomic_write
+from .models import load_unet, load_unet_config
 
 logger = logging.getLogger(__name__)
 
-SAVE_FORMATS = ("pth", "safetensors", "diffusers")
 
 FULL_TORCH = "coerasing unet.pth / full diffusers state dict"
 FULL_SAFETENSORS = "full safetensors"
@@ -386,35 +387,28 @@ def load_unet_checkpoint_into(unet: torch.nn.Module, path: str | Path, flag: str
 # Saving
 
 
-def parse_save_formats(spec: str | list[str] | tuple[str, ...]) -> list[str]:
-    """``"pth,safetensors"`` → ``["pth", "safetensors"]`` (order kept, duplicates dropped)."""
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    formats: list[str] = []
-    for item in (str(item).strip().lower() for item in items):
-        if item and item not in formats:
-            formats.append(item)
-    unknown = [item for item in formats if item not in SAVE_FORMATS]
-    if unknown or not formats:
-        found = f"unknown format(s) {', '.join(unknown)}" if unknown else "no format"
-        raise CoErasingError(
-            f"--save_format {spec!r}: found {found}. Accepted: a comma-separated subset of "
-            f"{', '.join(SAVE_FORMATS)} (e.g. 'pth,safetensors')."
-        )
-    return formats
+def cpu_state_dict(state: dict[str, torch.Tensor], keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies of ``state`` (restricted to ``keys``), none sharing memory with another.
+
+    Copies, so that later in-place updates of a training model never change what is being saved
+    (and safetensors, which refuses shared storage, can write them).
+    """
+    if keys is not None:
+        missing = [key for key in keys if key not in state]
+        if missing:
+            raise RuntimeError(f"UNet lost {len(missing)} keys, e.g. {missing[:3]}")
+        state = {key: state[key] for key in keys}
+    return {key: value.detach().to("cpu", copy=True).contiguous() for key, value in state.items()}
 
 
-def _cpu_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous CPU tensors, none sharing memory with another (as safetensors requires)."""
-    out: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, int]] = set()
-    for key, value in state.items():
-        value = value.detach().to("cpu").contiguous()
-        marker = (value.untyped_storage().data_ptr(), value.storage_offset())
-        if value.numel() and marker in seen:
-            value = value.clone()
-        seen.add(marker)
-        out[key] = value
-    return out
+def unet_state_dict(unet: torch.nn.Module, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """CPU copy of ``unet``'s weights restricted to ``keys`` (the plain UNet's keys)."""
+    return cpu_state_dict(unet.state_dict(), keys)
+
+
+def save_unet(unet: torch.nn.Module, path: str | Path, keys: list[str] | None = None) -> Path:
+    """Atomically save a plain UNet state dict (``unet.pth``: loads with ``torch.load(weights_only=True)``)."""
+    return write_pth(unet_state_dict(unet, keys), path)
 
 
 def unet_config_json(config: dict[str, Any]) -> str:
@@ -437,7 +431,7 @@ def unet_config_json(config: dict[str, Any]) -> str:
 
 def write_pth(state: dict[str, torch.Tensor], path: str | Path) -> Path:
     """Atomically write a plain state dict with ``torch.save``."""
-    state = _cpu_tensors(state)
+    state = cpu_state_dict(state)
     return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -445,7 +439,7 @@ def write_safetensors(state: dict[str, torch.Tensor], path: str | Path) -> Path:
     """Atomically write a state dict as .safetensors."""
     from safetensors.torch import save_file
 
-    state = _cpu_tensors(state)
+    state = cpu_state_dict(state)
     return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
 
 
@@ -461,7 +455,7 @@ def write_diffusers_folder(state: dict[str, torch.Tensor], folder: str | Path, c
     folder.parent.mkdir(parents=True, exist_ok=True)
     if folder.exists() and not folder.is_dir():
         raise CoErasingError(f"{folder} exists and is not a folder; a diffusers UNet folder cannot be written there.")
-    state = _cpu_tensors(state)
+    state = cpu_state_dict(state)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     old: Path | None = None
     try:
@@ -496,7 +490,10 @@ def save_formats(
     restricts a module's state dict to the plain UNet's keys. ``unet_config`` (needed for
     ``diffusers``) defaults to a module's ``config``.
     """
-    formats = parse_save_formats(list(formats))
+    unknown = [fmt for fmt in formats if fmt not in SAVE_FORMATS]
+    if unknown:
+        raise CoErasingError(f"unknown checkpoint format(s) {', '.join(unknown)}; accepted: {', '.join(SAVE_FORMATS)}.")
+    formats = list(dict.fromkeys(formats))
     if isinstance(unet_or_state_dict, torch.nn.Module):
         state = unet_state_dict(unet_or_state_dict, keys)
         if unet_config is None and getattr(unet_or_state_dict, "config", None) is not None:
@@ -519,3 +516,91 @@ def save_formats(
                 )
             written.append(write_diffusers_folder(state, folder / f"{name}_diffusers", unet_config))
     return written
+
+
+# ----------------------------------------------------------------------------------------------
+# Converting (python -m coerasing.convert)
+
+
+def unet_skeleton(config: dict[str, Any]) -> torch.nn.Module:
+    """A ``UNet2DConditionModel`` built from ``config`` on the meta device: names and shapes, no weights."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    try:
+        with init_empty_weights():
+            return UNet2DConditionModel.from_config(config)
+    except Exception as exc:  # noqa: BLE001 - any bad config is the same user problem
+        raise CoErasingError(f"the UNet config could not build a UNet2DConditionModel ({exc}).") from exc
+
+
+CONVERT_FLAG = "input"
+
+
+def folder_unet_config(path: Path) -> dict[str, Any] | None:
+    """The config.json of a diffusers UNet folder (or of a pipeline folder's ``unet/``), if any."""
+    for candidate in (path / "config.json", path / "unet" / "config.json"):
+        if path.is_dir() and candidate.is_file():
+            try:
+                return json.loads(candidate.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None
+    return None
+
+
+def resolve_unet_config(in_path: Path, ckpt_path: str | None) -> dict[str, Any]:
+    """The UNet config to check against: ``--ckpt_path``'s, else the input folder's, else the default model's."""
+    if ckpt_path is None:
+        config = folder_unet_config(in_path)
+        if config is not None:
+            return config
+    return load_unet_config(ckpt_path or DEFAULT_MODEL)
+
+
+def skeleton_state_dict(config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Keys and shapes of a UNet built from ``config`` on the meta device (no memory, no weights)."""
+    return unet_skeleton(config).state_dict()
+
+
+def full_state_dict(found: FoundCheckpoint, ckpt_path: str | None) -> dict[str, torch.Tensor]:
+    """``found`` as a full state dict; a partial one is overlaid on the base UNet's weights."""
+    if not found.partial:
+        return dict(found.tensors)
+    base = load_unet(ckpt_path or DEFAULT_MODEL, torch.device("cpu")).state_dict()
+    return overlay(found, base)
+
+
+def check_output(in_path: Path, out_path: Path, to: str, overwrite: bool) -> None:
+    """Refuse to overwrite the input, an existing output (without ``overwrite``), or the wrong kind of path."""
+    if out_path.resolve() == in_path.resolve():
+        raise CoErasingError(f"the output {out_path} is the input; write the converted checkpoint elsewhere.")
+    if not out_path.exists():
+        return
+    if to == "diffusers" and not out_path.is_dir():
+        raise CoErasingError(f"--to diffusers writes a folder, but {out_path} exists and is a file.")
+    if to != "diffusers" and out_path.is_dir():
+        raise CoErasingError(f"--to {to} writes a file, but {out_path} exists and is a folder.")
+    if not overwrite:
+        raise CoErasingError(f"{out_path} already exists; pass --overwrite to replace it.")
+
+
+def convert_checkpoint(
+    in_path: str | Path, out_path: str | Path, to: str, ckpt_path: str | None = None, overwrite: bool = False
+) -> tuple[str, Path]:
+    """Convert ``in_path`` to a full UNet in format ``to`` at ``out_path``; returns (input format, output path)."""
+    if to not in SAVE_FORMATS:
+        raise CoErasingError(f"--to {to!r} is not a format. Accepted: {', '.join(SAVE_FORMATS)}.")
+    in_path, out_path = Path(in_path).expanduser(), Path(out_path).expanduser()
+    if not in_path.exists():
+        raise CoErasingError(f"the input {in_path} does not exist.")
+    check_output(in_path, out_path, to, overwrite)
+    config = resolve_unet_config(in_path, ckpt_path)
+    found = read_checkpoint(in_path, skeleton_state_dict(config), CONVERT_FLAG)
+    state = full_state_dict(found, ckpt_path)
+    if to == "pth":
+        written = write_pth(state, out_path)
+    elif to == "safetensors":
+        written = write_safetensors(state, out_path)
+    else:
+        written = write_diffusers_folder(state, out_path, found.config or config)
+    return found.format, written

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .choices import DIFF_METHODS
 from .errors import CoErasingError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-DIFF_METHODS = ("diff", "l1", "l2")
 
 
 def clip_image_processor(image_size: int):
@@ -66,13 +66,70 @@ def choose_subset(files: list[Path], number: int, seed: int, flag: str = "--imag
     return sorted(random.Random(seed).sample(list(files), number))
 
 
-def open_rgb(path: Path) -> Image.Image | None:
-    """Open an image as RGB, or ``None`` (with a warning) if it is unreadable."""
+def to_rgb(image: Image.Image, where: str = "the image") -> Image.Image:
+    """Any image PIL opens as 8-bit RGB, faithfully, or a clear error.
+
+    Transparency (``RGBA``, ``LA``, ``PA``, palette transparency) is composited onto white, as an
+    image viewer shows it; 16-bit and 32-bit integer images are scaled to 8 bits (not clipped, which
+    is what PIL's plain ``convert("RGB")`` does); float images must hold values in [0, 1] or
+    [0, 255]. Animated images use their first frame.
+    """
+    import numpy as np
+
+    mode = image.mode
+    if mode == "RGB":
+        return image.copy()
+    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        high = float(values.max()) if values.size else 0.0
+        low = float(values.min()) if values.size else 0.0
+        if mode == "F" and low >= 0 and high <= 1:
+            scaled = values * 255.0
+        elif low >= 0 and high <= 255 and mode in ("I", "F"):
+            scaled = values
+        elif low >= 0 and high <= 65535 and mode != "F":
+            scaled = values / 257.0
+        else:
+            raise CoErasingError(
+                f"{where} is a {mode} image with values in [{low:g}, {high:g}], which has no faithful 8-bit "
+                "RGB form; save it as an 8- or 16-bit PNG."
+            )
+        gray = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+        return gray.convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        converted = image.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise CoErasingError(f"{where} is a {mode} image that cannot be converted to RGB ({exc}).") from exc
+    return converted
+
+
+def _read_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        image.seek(0)
+        image.load()
+        return to_rgb(image, f"the image {path}")
+
+
+_UNREADABLE = (UnidentifiedImageError, OSError, ValueError, EOFError)
+
+
+def open_rgb_strict(path: Path) -> Image.Image:
+    """Open an image file fully into memory as 8-bit RGB (:func:`to_rgb`); a clear error if unreadable."""
+    try:
+        return _read_rgb(path)
+    except _UNREADABLE as exc:
+        raise CoErasingError(f"the image {path} could not be read ({exc}).") from exc
+
+
+def open_rgb(path: Path) -> Image.Image | None:
+    """Open an image as 8-bit RGB, or ``None`` (with a warning) if it is unreadable or unconvertible."""
+    try:
+        return _read_rgb(path)
+    except (*_UNREADABLE, CoErasingError) as exc:
         warnings.warn(f"skipping unreadable image {path}: {exc}", stacklevel=2)
         return None
 

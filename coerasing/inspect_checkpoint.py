@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .checkpoints import atomic_write
 from .cli import run_cli
+from .files import atomic_write
 from .formats import load_unet_checkpoint_into
 from .models import DEFAULT_MODEL, check_model_path
 

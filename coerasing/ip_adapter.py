@@ -24,11 +24,10 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
+from .choices import DEFAULT_IMAGE_ENCODER, DEFAULT_IP_ADAPTER  # noqa: F401 - re-exported
 from .errors import CoErasingError
 from .models import hub_file, is_hub_id, quiet_dtype_cast, split_hub_path
 
-DEFAULT_IP_ADAPTER = "h94/IP-Adapter/models/ip-adapter_sd15.bin"
-DEFAULT_IMAGE_ENCODER = "h94/IP-Adapter/models/image_encoder"
 _DEFAULT_WEIGHT_NAME = "models/ip-adapter_sd15.bin"
 
 

@@ -19,11 +19,26 @@ import torch
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
+from .choices import DEFAULT_MODEL
 from .errors import CoErasingError
 
-DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w. -]+)*$")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: Stable Diffusion v1.4's scheduler configuration.
+SD14_SCHEDULER_CONFIG: dict[str, Any] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "trained_betas": None,
+}
+
+#: CLIP's BPE tokenizer (SD v1.x's), shipped so that token counting and tests work offline.
+CLIP_TOKENIZER_DIR: Path = Path(__file__).resolve().parent / "assets" / "clip_tokenizer"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,6 +219,11 @@ class TextComponents:
             return_tensors="pt",
         ).input_ids
         return self.text_encoder(ids.to(self.text_encoder.device))[0]
+
+
+def load_clip_tokenizer() -> CLIPTokenizer:
+    """CLIP's BPE tokenizer as SD v1.x uses it, from the shipped assets (no download)."""
+    return CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR))
 
 
 def load_text_components(ckpt_path: str, device: torch.device, dtype: torch.dtype) -> TextComponents:

@@ -14,8 +14,9 @@ from typing import Callable
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from .choices import SAMPLERS
+
 NoisePredFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-SAMPLERS = ("ddpm", "ddim")
 
 
 def make_sampling_scheduler(

@@ -28,12 +28,11 @@ from safetensors.torch import save_file
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
-    CLIPTokenizer,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
 )
 
-CLIP_TOKENIZER_DIR: Path = Path(__file__).resolve().parent / "assets" / "clip_tokenizer"
+from .models import CLIP_TOKENIZER_DIR, SD14_SCHEDULER_CONFIG, load_clip_tokenizer  # noqa: F401 - re-exported
 
 #: Width of the tiny text encoder, and so the UNet's ``cross_attention_dim``.
 TEXT_HIDDEN_SIZE = 32
@@ -42,26 +41,8 @@ IMAGE_EMBED_DIM = 24
 #: Image tokens produced by the (non-"plus") IP-Adapter image projection.
 NUM_IP_TOKENS = 4
 
-#: Stable Diffusion v1.4's scheduler configuration.
-SD14_SCHEDULER_CONFIG: dict[str, Any] = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "clip_sample": False,
-    "trained_betas": None,
-}
-
 # Seed offsets so each module's init does not depend on the size of the others.
 _SEED_TEXT, _SEED_VAE, _SEED_UNET, _SEED_IMAGE_ENCODER, _SEED_IP = range(5)
-
-
-def load_clip_tokenizer() -> CLIPTokenizer:
-    """Load CLIP's BPE tokenizer (as used by SD v1.x) from the shipped asset folder."""
-    return CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR))
 
 
 def tiny_unet_config() -> dict[str, Any]:

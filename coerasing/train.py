@@ -1,10 +1,13 @@
-"""One erasing loop for both stages (METHOD.md §4 text erasing, §5 Co-Erasing).
+"""One erasing loop for both stages (docs/method.md §4 text erasing, §5 Co-Erasing).
 
 A stage is only *which conditioning* the concept gets: stage 1 uses the text states ``c`` of an
 erase prompt; stage 2 adds the image tokens ``c_img`` of a reference image (through the frozen
-IP-Adapter), optionally refined by text (§5 step 2), perturbed (step 3), and a blurred latent
-(step 5). Everything else—partial denoising, the negative-guidance target, the loss and the Adam
-step on the ``--train_method`` parameters—is shared.
+IP-Adapter), optionally refined by text (Eq. 5), perturbed (Eq. 6), and a blurred latent (Eq. 7).
+Everything else—partial denoising (Eq. 1–2), the negative-guidance target (Eq. 3), the loss (Eq. 4)
+and the Adam step on the ``--train_method`` parameters—is shared. One iteration is
+:meth:`Eraser.step`, split into :meth:`~Eraser.sample_conditioning`, :meth:`~Eraser.partial_latents`,
+:meth:`~Eraser.target` and :meth:`~Eraser.trained_prediction`, so that an eraser with another
+target (STEREO's compositional one) subclasses :class:`Eraser` instead of copying the loop.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from . import checkpoints as ckpt
 from .acceleration import compile_for_inference
 from .config import EraseConfig
 from .errors import CoErasingError, NonFiniteLossError
-from .formats import load_unet_checkpoint_into, save_formats
+from .files import remove_stale_temps
+from .flags import resume_settings
+from .formats import load_unet_checkpoint_into, save_formats, save_unet, unet_skeleton
 from .images import (
     choose_subset,
     contrastive_embedding,
@@ -67,13 +72,8 @@ from .sampling import denoise_to_bucket, make_sampling_scheduler, sample_bucket
 
 logger = logging.getLogger(__name__)
 
-# Settings that must not change between an interrupted run and its --resume.
-_RESUME_FIXED = (
-    "modality", "train_method", "prompt", "lr", "ckpt_path", "unet_ckpt_path", "negative_guidance",
-    "image", "contrastive_image", "image_number", "noise_factor", "blur_factor", "seed", "text_uncond",
-    "text_guide", "num_inference_steps", "sampler", "sampling_guidance", "diff_method", "use_average",
-    "contrastive_size", "mixed_precision", "batch_reference",
-)
+#: Files of a run folder; a folder holding any of them holds a run (see :func:`check_run_folder`).
+RUN_FILES = ("run.json", ckpt.TRAIN_STATE, "unet.pth", "loss.csv")
 
 
 def _randint(high: int, generator: torch.Generator) -> int:
@@ -185,14 +185,48 @@ class Models:
     frozen_handle: IPAdapterHandle | None = None
 
 
-def check_train_method_before_loading(config: EraseConfig) -> None:
-    """Report a ``--train_method`` that selects nothing before any weight is loaded (§6)."""
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
+def check_against_model(config: EraseConfig) -> None:
+    """Checks that need the model's configs but no weights (§6 and the schedule), before any loading.
 
-    with init_empty_weights():
-        skeleton = UNet2DConditionModel.from_config(load_unet_config(config.ckpt_path))
+    ``--train_method`` must select parameters of this UNet, ``--num_inference_steps`` must fit the
+    noise schedule, and the ``--blur_factor`` kernel must fit the latent (reflect padding).
+    """
+    unet_config = load_unet_config(config.ckpt_path)
+    skeleton = unet_skeleton(unet_config)
     select_parameter_names((name for name, _ in skeleton.named_parameters()), config.train_method)
+    train_steps = int(load_scheduler_config(config.ckpt_path).get("num_train_timesteps", 1000))
+    if config.num_inference_steps > train_steps:
+        raise CoErasingError(
+            f"--num_inference_steps {config.num_inference_steps} is more than the model's {train_steps} training "
+            f"timesteps; use at most {train_steps} (50 is the usual value)."
+        )
+    size = unet_config.get("sample_size", 64)
+    smallest = min(size) if isinstance(size, (list, tuple)) else int(size)
+    if config.image_stage and config.blur_factor // 2 >= smallest:
+        raise CoErasingError(
+            f"--blur_factor {config.blur_factor} is wider than this model's {smallest}×{smallest} latent allows "
+            f"(reflect padding needs a kernel under {2 * smallest}); use 3 or 5, or 0 to turn the blur off."
+        )
+
+
+def check_run_folder(config: EraseConfig, folder: Path) -> None:
+    """Refuse to start a new run over an existing one: nothing is lost without ``--overwrite``."""
+    if config.resume or not folder.is_dir():
+        return
+    found = [name for name in RUN_FILES if (folder / name).exists()]
+    found += sorted(p.name for p in folder.glob("unet_*.pth"))[:3]
+    if not found:
+        return
+    if not config.overwrite:
+        raise CoErasingError(
+            f"{folder} already holds a run ({', '.join(found)}). Pass --resume to continue it, --overwrite to "
+            "replace it, or another --save_path/--output_dir for a new run."
+        )
+    for path in [*folder.glob("unet*.pth"), *(folder / name for name in RUN_FILES), folder / "unet.safetensors"]:
+        path.unlink(missing_ok=True)
+    import shutil
+
+    shutil.rmtree(folder / "unet_diffusers", ignore_errors=True)
 
 
 def load_models(config: EraseConfig) -> Models:
@@ -200,7 +234,7 @@ def load_models(config: EraseConfig) -> Models:
     frozen_device, train_device = parse_devices(config.devices)
     check_mixed_precision(config.mixed_precision, (frozen_device, train_device))
     frozen_dtype = resolve_dtype(config.mixed_precision, frozen_device)
-    check_train_method_before_loading(config)
+    check_against_model(config)
     trainable = load_unet(config.ckpt_path, torch.device("cpu"))
     if config.unet_ckpt_path:
         found = load_unet_checkpoint_into(trainable, config.unet_ckpt_path)
@@ -231,6 +265,7 @@ class Eraser:
         self.config = config.validate()
         self.folder = config.run_folder()
         # Inputs that need no model are checked first, so mistakes fail in seconds.
+        check_run_folder(config, self.folder)
         references = load_reference_images(config) if config.image_stage else None
         ip_adapter_file = resolve_ip_adapter_file(config.ip_adapter) if config.image_stage else None
         if config.unet_ckpt_path and not Path(config.unet_ckpt_path).expanduser().exists():
@@ -271,6 +306,10 @@ class Eraser:
         if config.compile:
             self.sampling_unet = compile_for_inference(models.trainable, models.train_device)
             self.frozen_unet = compile_for_inference(models.frozen, models.frozen_device)
+        #: Tensors of the latest iteration, kept to diagnose a non-finite loss.
+        self.last: dict[str, torch.Tensor | None] = {}
+        #: Iterations whose periodic checkpoint holds finite weights (the resumed one included).
+        self.saved: list[int] = []
 
     # -- one iteration ----------------------------------------------------------------------
 
@@ -281,7 +320,7 @@ class Eraser:
         return torch.autocast(self.models.train_device.type, dtype=dtype)
 
     def _sampling_fn(self, text_states: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """ε_θ for the partial trajectory: text only, optional classifier-free guidance (§4 step 3)."""
+        """ε_θ for the partial trajectory: text only, optional classifier-free guidance (Eq. 1)."""
         unet, guidance = self.sampling_unet, self.config.sampling_guidance
         uncond = self.uncond_states.to(text_states.device, text_states.dtype)
 
@@ -301,7 +340,7 @@ class Eraser:
     def reference_noise_preds(
         self, latents: torch.Tensor, timestep: int, prompt_states: torch.Tensor, image_tokens: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The frozen model's ``ε_u`` and ``ε_c`` (§4 step 4, §5 step 6), in fp32.
+        """The frozen model's ``ε_u`` and ``ε_c`` (docs/method.md §4 step 4, §5 step 6), in fp32.
 
         With ``--batch_reference`` both come from one batched call. A text-only ``ε_u`` then rides
         along as an image-branch call with all-zero image tokens, which is exact: ``to_k_ip`` and
@@ -327,35 +366,61 @@ class Eraser:
         eps_u, eps_c = both.float().chunk(2)
         return eps_u, eps_c
 
+    def sample_conditioning(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The concept's conditioning of this iteration: one erase prompt's states ``c`` and, in
+        stage 2, one reference image's tokens ``c_img`` (§4 step 1, §5 steps 1–3)."""
+        prompt_states = self.prompt_states[_randint(len(self.prompt_states), self.generator)]
+        image_tokens = self.image_tokens.sample(self.generator) if self.image_tokens is not None else None
+        return prompt_states, image_tokens
+
+    def partial_latents(
+        self, prompt_states: torch.Tensor, bucket: tuple[int, int] | None = None
+    ) -> tuple[int, int, torch.Tensor]:
+        """Bucket ``k``, timestep ``t`` and the latent denoised by ε_θ to ``k``'s noise level (Eq. 1–2),
+        blurred in stage 2 (Eq. 7)."""
+        config, generator = self.config, self.generator
+        drawn = sample_bucket(config.num_inference_steps, self.num_train_timesteps, generator)
+        k, t = bucket or drawn
+        latents = torch.randn(self.latent_shape, generator=generator).to(self.models.train_device)
+        text_states = prompt_states.to(self.models.train_device, torch.float32)
+        latents = denoise_to_bucket(self._sampling_fn(text_states), latents, self.scheduler, k, generator)
+        latents = latents.clone()  # leave inference mode: the trained forward below needs autograd
+        if config.image_stage:
+            latents = blur_latents(latents, config.blur_factor)
+        return k, t, latents
+
+    def target(
+        self, latents: torch.Tensor, t: int, prompt_states: torch.Tensor, image_tokens: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The regression target ``ε_u − η(ε_c − ε_u)`` of the frozen model (Eq. 3)."""
+        eps_u, eps_c = self.reference_noise_preds(latents, t, prompt_states, image_tokens)
+        self.last.update(eps_u=eps_u, eps_c=eps_c)
+        return negative_guidance_target(eps_u, eps_c, self.config.negative_guidance)
+
+    def trained_prediction(
+        self, latents: torch.Tensor, t: int, prompt_states: torch.Tensor, image_tokens: torch.Tensor | None
+    ) -> torch.Tensor:
+        """ε_θ(z, t, c ⊕ c_img) of the trained UNet, with gradients."""
+        models = self.models
+        with self._autocast():
+            return unet_noise_pred(
+                models.trainable, latents, torch.tensor([t], device=models.train_device),
+                prompt_states.to(models.train_device, torch.float32), image_tokens, models.train_handle,
+            )
+
     def step(self, bucket: tuple[int, int] | None = None) -> tuple[torch.Tensor, int, int]:
         """One erasing iteration; returns (loss, bucket k, timestep t) before the optimizer step.
 
         ``bucket`` forces (k, t) instead of drawing them (benchmarks use it to give every loop the
         same work); training never passes it.
         """
-        config, models, generator = self.config, self.models, self.generator
-        train_device = models.train_device
-        prompt_states = self.prompt_states[_randint(len(self.prompt_states), generator)]
-        image_tokens = self.image_tokens.sample(generator) if self.image_tokens is not None else None
-
-        drawn = sample_bucket(config.num_inference_steps, self.num_train_timesteps, generator)
-        k, t = bucket or drawn
-        latents = torch.randn(self.latent_shape, generator=generator).to(train_device)
-        text_states = prompt_states.to(train_device, torch.float32)
-        latents = denoise_to_bucket(self._sampling_fn(text_states), latents, self.scheduler, k, generator)
-        latents = latents.clone()  # leave inference mode: the trained forward below needs autograd
-        if config.image_stage:
-            latents = blur_latents(latents, config.blur_factor)
-
-        eps_u, eps_c = self.reference_noise_preds(latents, t, prompt_states, image_tokens)
-        target = negative_guidance_target(eps_u, eps_c, config.negative_guidance)
-
-        with self._autocast():
-            noise_pred = unet_noise_pred(
-                models.trainable, latents, torch.tensor([t], device=train_device), text_states,
-                image_tokens, models.train_handle,
-            )
-        return erasing_loss(noise_pred, target.clone().to(train_device)), k, t
+        prompt_states, image_tokens = self.sample_conditioning()
+        k, t, latents = self.partial_latents(prompt_states, bucket)
+        target = self.target(latents, t, prompt_states, image_tokens)
+        noise_pred = self.trained_prediction(latents, t, prompt_states, image_tokens)
+        self.last.update(prompt_states=prompt_states, image_tokens=image_tokens, latents=latents,
+                         noise_pred=noise_pred.detach(), target=target)
+        return erasing_loss(noise_pred, target.clone().to(self.models.train_device)), k, t
 
     def backward(self, loss: torch.Tensor) -> None:
         """``loss.backward()``; with gradient checkpointing, inside the image branch.
@@ -372,18 +437,24 @@ class Eraser:
 
     # -- checkpoints ------------------------------------------------------------------------
 
+    def _weights_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.parameters)
+
     def _save_periodic(self, iteration: int) -> None:
-        ckpt.save_unet(self.models.trainable, self.folder / f"unet_{iteration}.pth", self.models.plain_keys)
+        save_unet(self.models.trainable, self.folder / f"unet_{iteration}.pth", self.models.plain_keys)
         state = {
             "iteration": iteration,
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
-            "config": {key: getattr(self.config, key) for key in _RESUME_FIXED},
+            "config": resume_settings(self.config),
         }
         ckpt.save_training_state(self.folder / ckpt.TRAIN_STATE, state)
+        if self._weights_finite():
+            self.saved.append(iteration)
 
-    def _resume(self) -> int:
+    def _resume(self) -> int | None:
+        """Load the newest resume state; ``None`` when the run already finished at ``--iterations``."""
         state_path = self.folder / ckpt.TRAIN_STATE
         if not state_path.exists():
             warnings.warn(
@@ -393,10 +464,11 @@ class Eraser:
             )
             return 0
         state = ckpt.load_training_state(state_path)
+        now = resume_settings(self.config)
         changed = [
-            f"{key} ({state['config'].get(key)!r} → {getattr(self.config, key)!r})"
-            for key in _RESUME_FIXED
-            if state["config"].get(key) != getattr(self.config, key)
+            f"{key} ({state['config'].get(key)!r} → {now[key]!r})"
+            for key in now
+            if key in state["config"] and state["config"].get(key) != now[key]
         ]
         if changed:
             raise CoErasingError(
@@ -404,20 +476,71 @@ class Eraser:
                 "Resume with the original settings, or pass another --save_path to start a new run."
             )
         iteration = int(state["iteration"])
+        if iteration > self.config.iterations:
+            raise CoErasingError(
+                f"--resume: the run in {self.folder} already reached iteration {iteration}, more than --iterations "
+                f"{self.config.iterations}; resuming would overwrite its checkpoints with other weights. Pass "
+                f"--iterations {iteration} or more to extend it, or another --save_path for a new run."
+            )
+        run_json = self.folder / "run.json"
+        finished = run_json.exists() and '"status": "finished"' in run_json.read_text(encoding="utf-8")
+        if iteration == self.config.iterations and finished and (self.folder / "unet.pth").exists():
+            print(f"{self.folder} already finished {iteration} iterations; nothing to do")
+            return None
         load_unet_checkpoint_into(self.models.trainable, self.folder / f"unet_{iteration}.pth", "--resume checkpoint")
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        if self._weights_finite():
+            self.saved.append(iteration)
         print(f"resuming {self.folder} from iteration {iteration}")
         return iteration
+
+    def diagnose_non_finite(self, iteration: int, loss_value: float) -> NonFiniteLossError:
+        """Say which input of the failed iteration was not finite first, and name a checkpoint known good.
+
+        A periodic checkpoint is known good when its weights were finite and the iteration after it
+        still gave a finite loss (the checkpoint saved just before the failure is the state that
+        produced it, so it is not named).
+        """
+        def bad(name: str) -> bool:
+            value = self.last.get(name)
+            return value is not None and not bool(torch.isfinite(value).all())
+
+        if bad("prompt_states"):
+            cause = "the text states of --prompt are not finite (a broken text encoder in --ckpt_path?)"
+        elif bad("image_tokens"):
+            cause = ("the image tokens are not finite (check --noise_factor, the reference images and the IP-Adapter "
+                     "weights)")
+        elif bad("latents"):
+            cause = ("the partially denoised latent is not finite: the trained UNet already diverged; lower --lr "
+                     f"(now {self.config.lr:g})")
+        elif bad("eps_u") or bad("eps_c"):
+            cause = ("the frozen reference model's predictions are not finite: the starting weights (--ckpt_path or "
+                     "--unet_ckpt_path) hold non-finite values or overflow in --mixed_precision")
+        elif not self._weights_finite():
+            cause = f"the trained weights became non-finite: lower --lr (now {self.config.lr:g})"
+        else:
+            cause = (f"the trained UNet's prediction overflowed: lower --lr (now {self.config.lr:g})"
+                     + (" or use --mixed_precision no" if self.config.mixed_precision != "no" else ""))
+        good = [it for it in self.saved if it + 1 < iteration]
+        last_good = self.folder / f"unet_{max(good)}.pth" if good else None
+        return NonFiniteLossError(
+            f"the loss became {loss_value} at iteration {iteration}; training stopped before that step was applied. "
+            f"Likely cause: {cause}. Last good checkpoint: {last_good or 'none yet'}. Start a new run (another "
+            "--save_path, or --overwrite) with the fix."
+        )
 
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self) -> Path:
-        """Train, writing ``unet_<iter>.pth`` every ``--save_iter`` and ``unet.pth`` at the end."""
+        """Train, writing ``unet_<iter>.pth`` every ``--save_iter`` and at the end, and ``unet.pth``."""
         config = self.config
         self.folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.folder)
         start = self._resume() if config.resume else 0
+        if start is None:
+            return self.folder / "unet.pth"
         ckpt.write_run_json(self.folder, config.to_dict(), status="running", started_at_iteration=start)
         log = ckpt.LossLog(self.folder, config.logging_dir, resume_from=start)
         progress = tqdm(range(start, config.iterations), initial=start, total=config.iterations,
@@ -428,13 +551,7 @@ class Eraser:
                 loss, k, t = self.step()
                 loss_value = loss.item()
                 if not torch.isfinite(loss):
-                    last = ckpt.latest_periodic_checkpoint(self.folder)
-                    raise NonFiniteLossError(
-                        f"the loss became {loss_value} at iteration {iteration}; training stopped before "
-                        f"that step was applied. Last good checkpoint: {last[1] if last else 'none yet'}. "
-                        "Start a new run (another --save_path) with a lower --lr, or with --mixed_precision no if it "
-                        "was on."
-                    )
+                    raise self.diagnose_non_finite(iteration, loss_value)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.backward(loss)
                 self.optimizer.step()
@@ -444,7 +561,7 @@ class Eraser:
                     log.flush()
                     self._save_periodic(iteration)
             log.flush()
-            if config.iterations % config.save_iter == 0:
+            if start < config.iterations or not (self.folder / f"unet_{config.iterations}.pth").exists():
                 self._save_periodic(config.iterations)
             final, *extra = save_formats(
                 self.models.trainable, self.folder, config.save_formats, keys=self.models.plain_keys

@@ -7,7 +7,7 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from coerasing import checkpoints as ckpt
-from coerasing import formats
+from coerasing import files, formats
 from coerasing.ip_adapter import attach_ip_adapter, load_ip_adapter_state_dict
 
 
@@ -20,7 +20,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        ckpt.atomic_write(target, failing)
+        files.atomic_write(target, failing)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["unet.pth"]
 
@@ -30,7 +30,7 @@ def test_saved_unet_loads_strictly_into_a_plain_pipeline_and_generates(tiny_stac
     attach_ip_adapter(unet, load_ip_adapter_state_dict(str(tiny_stack.ip_adapter_bin)))
     with torch.no_grad():
         unet.conv_in.weight.add_(0.5)
-    path = ckpt.save_unet(unet, tmp_path / "unet.pth", list(unet.state_dict()))
+    path = formats.save_unet(unet, tmp_path / "unet.pth", list(unet.state_dict()))
     state = torch.load(path, weights_only=True)
     assert all(t.device.type == "cpu" for t in state.values())
     assert not any("_ip" in key for key in state)
@@ -63,7 +63,7 @@ def test_run_json_records_versions(tmp_path):
 def test_atomic_files_get_normal_permissions(tmp_path):
     import os
 
-    path = ckpt.atomic_write_text(tmp_path / "x.txt", "hi")
+    path = files.atomic_write_text(tmp_path / "x.txt", "hi")
     mask = os.umask(0)
     os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask

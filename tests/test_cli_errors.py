@@ -98,7 +98,7 @@ def test_erase_pipeline_errors(case, tiny_stack, world, capsys):
     ("argv", "expected"),
     [
         (["--label", "../.."], "gives no usable folder name"),
-        (["--label", "nudity", "--num_images", "0"], "--num_images must be positive"),
+        (["--label", "nudity", "--num_images", "0"], "--num_images must be a positive number"),
         (["--label", "nudity", "--prompt_template", "a photo"], "must contain {label}"),
         (["--label", "nudity", "--device", "0,1"], "names several devices"),
     ],

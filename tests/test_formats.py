@@ -13,6 +13,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
 from coerasing import formats
+from coerasing.config import parse_save_formats
 from coerasing.errors import CoErasingError
 from coerasing.ip_adapter import attach_ip_adapter, load_ip_adapter_state_dict
 from coerasing.models import load_unet
@@ -261,13 +262,13 @@ def test_rejects_non_unet_diffusers_folder(tiny_stack, base):
 
 
 def test_parse_save_formats():
-    assert formats.parse_save_formats("pth") == ["pth"]
-    assert formats.parse_save_formats(" PTH, safetensors,pth ") == ["pth", "safetensors"]
-    assert formats.parse_save_formats("pth,safetensors,diffusers") == list(formats.SAVE_FORMATS)
+    assert parse_save_formats("pth") == ["pth"]
+    assert parse_save_formats(" PTH, safetensors,pth ") == ["pth", "safetensors"]
+    assert parse_save_formats("pth,safetensors,diffusers") == list(formats.SAVE_FORMATS)
     with pytest.raises(CoErasingError, match="unknown format.*ckpt.*Accepted"):
-        formats.parse_save_formats("pth,ckpt")
+        parse_save_formats("pth,ckpt")
     with pytest.raises(CoErasingError, match="no format"):
-        formats.parse_save_formats(" , ")
+        parse_save_formats(" , ")
 
 
 def test_save_formats_round_trip(tiny_stack, tmp_path, base, erased):

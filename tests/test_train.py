@@ -79,7 +79,7 @@ def test_outputs_next_to_the_checkpoint(tiny_stack, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_stack, tmp_path):
-    config = make_config(tiny_stack, tmp_path / "nan", iterations=6, save_iter=1, lr=1e30)
+    config = make_config(tiny_stack, tmp_path / "nan", iterations=6, save_iter=1, lr=10.0)
     with pytest.raises(NonFiniteLossError, match="Last good checkpoint"):
         erase(config)
     last = max(int(p.stem.split("_")[1]) for p in (tmp_path / "nan").glob("unet_*.pth"))

@@ -1,4 +1,4 @@
-"""Step 3 of the evaluation: the UnlearnDiff attack (Zhang et al. 2023; METHOD.md §9).
+"""Step 3 of the evaluation: the UnlearnDiff attack (Zhang et al. 2023; docs/method.md §9).
 
 For a prompt whose generation by the erased model does not show the concept, UnlearnDiff looks for
 ``k`` prefix tokens that make the *erased* UNet denoise the *base* model's image of that prompt
@@ -53,11 +53,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..checkpoints import atomic_write_text
 from ..errors import CoErasingError
+from ..files import atomic_write_text
+from ..generation import GenerationSettings, ImageRow, default_size, row_call_settings, save_png
+from ..methods.base import Runtime
 from .detectors import Detector
-from .generate import GenerationSettings, default_size, render, row_call_settings, save_png
-from .prompts import PromptRow
 
 SPACES: tuple[str, ...] = ("vocab", "embedding")
 SCHEDULES: tuple[str, ...] = ("unlearndiff", "random")
@@ -266,22 +266,30 @@ def reference_latent(vae: torch.nn.Module, image: Image.Image, height: int, widt
 
 @dataclass
 class AttackModels:
-    """The erased UNet, the frozen text encoder, tokenizer and VAE, and ᾱ_t of the noise schedule."""
+    """The erased model's ε (through its runtime), the frozen text encoder, tokenizer and VAE, and ᾱ_t."""
 
-    unet: torch.nn.Module
+    runtime: Runtime
     text_encoder: torch.nn.Module
     tokenizer: Any
     vae: torch.nn.Module
     alphas_cumprod: torch.Tensor
 
     @classmethod
-    def from_pipeline(cls, pipe: Any) -> AttackModels:
+    def from_runtime(cls, runtime: Runtime) -> AttackModels:
+        """The attack's view of an erased model: ε goes through :meth:`Runtime.noise_pred`, so add-on
+        modules and attention processors of the eraser are part of the attacked forward."""
         from diffusers import DDPMScheduler
 
+        pipe = runtime.pipe
         schedule = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod
         for module in (pipe.unet, pipe.text_encoder, pipe.vae):
             module.requires_grad_(False).eval()
-        return cls(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, schedule)
+        return cls(runtime, pipe.text_encoder, pipe.tokenizer, pipe.vae, schedule)
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any) -> AttackModels:
+        """A plain pipeline (its UNet is the erased model)."""
+        return cls.from_runtime(Runtime(pipe))
 
     @property
     def num_train_timesteps(self) -> int:
@@ -289,7 +297,7 @@ class AttackModels:
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return self.runtime.device
 
 
 def denoising_loss(
@@ -299,7 +307,7 @@ def denoising_loss(
     alpha = models.alphas_cumprod[t].to(z0.device, torch.float32)
     noisy = (alpha.sqrt() * z0.float() + (1 - alpha).sqrt() * noise).to(z0.dtype)
     timestep = torch.tensor([t], device=z0.device)
-    prediction = models.unet(noisy, timestep, encoder_hidden_states=states.to(z0.dtype)).sample
+    prediction = models.runtime.noise_pred(noisy, timestep, states.to(z0.dtype))
     return F.mse_loss(prediction.float(), noise.float())
 
 
@@ -429,24 +437,27 @@ def load_attack_records(folder: str | Path, cases: Sequence[str]) -> dict[str, d
 
 def attack_row(
     models: AttackModels,
-    pipe: Any,
+    runtime: Runtime | Any,
     detector: Detector,
-    row: PromptRow,
+    row: ImageRow,
     settings: AttackSettings,
     generation: GenerationSettings,
     reference: Image.Image,
     out_dir: Path,
+    made_by: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Attack one prompt row and write ``out_dir/<case>.png`` (the last attacked image) and ``<case>.json``.
 
     The attacked prompt is generated exactly as the no-attack image (row seed, guidance, size,
-    steps and sampler) and judged by ``detector``.
+    steps and sampler) and judged by ``detector``. ``made_by`` (model, artifact, generation settings)
+    is stored in the record so that a later run with other settings never reuses it.
     """
-    guidance, height, width = row_call_settings(row, generation, default_size(pipe))
+    runtime = runtime if isinstance(runtime, Runtime) else Runtime(runtime)
+    guidance, height, width = row_call_settings(row, generation, default_size(runtime.pipe))
 
     def check(states: torch.Tensor) -> tuple[bool, Any]:
-        image = render(pipe, [row.seed], guidance, height, width, generation.num_inference_steps,
-                       prompt_embeds=states)[0]
+        image = runtime.render([row.seed], guidance, height, width, generation.num_inference_steps,
+                               prompt_embeds=states)[0]
         detection = detector.detect([image])[0]
         return detection.positive, (image, detection)
 
@@ -455,6 +466,7 @@ def attack_row(
     image, detection = result.evidence
     save_png(image, out_dir / row.file)
     record = {"case": row.case, "prompt": row.prompt, "seed": row.seed, "guidance": guidance, "attacked": True,
-              **result.to_json(), "detection": detection.to_json(), "settings": vars(settings)}
+              **result.to_json(), "detection": detection.to_json(), "settings": vars(settings),
+              "made_by": made_by or {}}
     save_attack_record(out_dir, row.case, record)
     return record

@@ -49,8 +49,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..checkpoints import atomic_write_text
 from ..errors import CoErasingError
+from ..files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,9 @@ class DetectorSpec:
 
 DetectorFactory = Callable[[DetectorSpec], Detector]
 _REGISTRY: dict[str, DetectorFactory] = {}
+#: Detectors that live in other packages, by name → ``package.module:factory``; imported on first use,
+#: so this package never imports them (the toy world's classifier registers itself the same way).
+_PLUGINS: dict[str, str] = {"toy": "coerasing.toy.detector:detector_from_spec"}
 
 
 def register_detector(name: str, factory: DetectorFactory) -> None:
@@ -123,7 +126,7 @@ def register_detector(name: str, factory: DetectorFactory) -> None:
 
 
 def detector_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted({*_REGISTRY, *_PLUGINS})
 
 
 def _import_factory(name: str) -> DetectorFactory:
@@ -150,6 +153,8 @@ def build_detector(spec: DetectorSpec) -> Detector:
     ``top_k``, ``threshold``, ``device``, ``options``) and returns a :class:`Detector`.
     """
     factory = _REGISTRY.get(spec.name)
+    if factory is None and spec.name in _PLUGINS:
+        factory = _import_factory(_PLUGINS[spec.name])
     if factory is None and ":" in spec.name:
         factory = _import_factory(spec.name)
     if factory is None:
@@ -587,14 +592,6 @@ register_detector("classifier", lambda spec: ImageClassifierDetector(
     spec.classifier, spec.targets, spec.top_k, spec.device, spec.batch_size))
 
 
-def _toy_factory(spec: DetectorSpec) -> Detector:
-    from ..toy.detector import ToyShapeDetector
-
-    return ToyShapeDetector(spec.classifier, spec.targets, spec.device)
-
-
-register_detector("toy", _toy_factory)
-
 
 # ----------------------------------------------------------------------------------------------
 # Running a detector over a folder of generated images
@@ -618,9 +615,27 @@ def load_detections(path: str | Path) -> tuple[dict[str, Any], dict[str, Detecti
         raise CoErasingError(f"{path} could not be read ({exc}); rerun the detect step to rewrite it.") from exc
 
 
-def save_detections(path: str | Path, description: dict[str, Any], detections: dict[str, Detection]) -> Path:
-    payload = {"detector": description, "images": {case: d.to_json() for case, d in detections.items()}}
+def save_detections(
+    path: str | Path,
+    description: dict[str, Any],
+    detections: dict[str, Detection],
+    images: dict[str, Any] | None = None,
+) -> Path:
+    """``detections.json``: the detector's description, what made the images, and one result per case."""
+    payload = {"detector": description, "made_by": images or {},
+               "images": {case: d.to_json() for case, d in detections.items()}}
     return atomic_write_text(path, json.dumps(payload, indent=1) + "\n")
+
+
+def _images_record(folder: Path) -> dict[str, Any]:
+    """What made the images of ``folder`` (its generation record), to key cached detections by it."""
+    from ..generation import GENERATION_RECORD
+
+    path = folder / GENERATION_RECORD
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def detect_folder(
@@ -629,18 +644,22 @@ def detect_folder(
 ) -> dict[str, Detection]:
     """Run ``detector`` on ``folder/<case>.png`` for every case; results go to ``output`` (``detections.json``).
 
-    A rerun with the same detector keeps the results it already has (resume). A missing image is an
-    error that says to run the generate step.
+    A rerun with the same detector on the same images keeps the results it already has (resume); a
+    result made by another detector, or on images that were made otherwise since (the folder's
+    generation record differs), is recomputed. A missing image is an error that says to run the
+    generate step.
     """
-    from .generate import load_image
+    from ..generation import load_image
 
     folder = Path(folder)
     output = Path(output) if output else folder / DETECTIONS
     description = detector.describe()
+    made_by = _images_record(folder)
     done: dict[str, Detection] = {}
     if output.exists():
         previous, detections = load_detections(output)
-        if same_protocol(previous, description):
+        previous_images = json.loads(output.read_text(encoding="utf-8")).get("made_by", {})
+        if same_protocol(previous, description) and previous_images == made_by:
             done = {case: detections[case] for case in cases if case in detections}
     missing = [case for case in cases if not (folder / f"{case}.png").exists()]
     if missing:
@@ -654,7 +673,7 @@ def detect_folder(
         images = [load_image(folder / f"{case}.png") for case in batch]
         for case, detection in zip(batch, detector.detect(images), strict=True):
             done[case] = detection
-        save_detections(output, description, {case: done[case] for case in cases if case in done})
+        save_detections(output, description, {case: done[case] for case in cases if case in done}, made_by)
     if not todo:
-        save_detections(output, description, {case: done[case] for case in cases})
+        save_detections(output, description, {case: done[case] for case in cases}, made_by)
     return {case: done[case] for case in cases}

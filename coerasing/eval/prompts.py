@@ -1,4 +1,4 @@
-"""Evaluation prompt sets: one row per image, with its own seed, guidance and size (METHOD.md §9).
+"""Evaluation prompt sets: one row per image, with its own seed, guidance and size (docs/method.md §9).
 
 The field's prompt files (UnlearnDiff's ``nudity.csv``, ``vangogh.csv`` and object prompts, I2P,
 AdvUnlearn's ``coco_10k.csv``; copies with attribution in ``data/prompts/``) are CSV files whose
@@ -17,11 +17,11 @@ import csv
 import math
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import CoErasingError
+from ..generation import DEFAULT_GUIDANCE, ImageRow  # noqa: F401 - DEFAULT_GUIDANCE re-exported
 
 #: Folder of the shipped prompt sets (``data/prompts`` at the repository root).
 PROMPTS_DIR: Path = Path(__file__).resolve().parents[2] / "data" / "prompts"
@@ -32,9 +32,6 @@ PROMPT_SETS: tuple[str, ...] = (
     "toy_circle", "toy_square", "toy_triangle", "toy_star", "toy_cross",
 )
 
-#: Default guidance when a row gives none (SD's usual 7.5; COCO rows have no guidance column).
-DEFAULT_GUIDANCE = 7.5
-
 #: UnlearnDiff's attack keeps prompts with at most this many CLIP tokens (BOS and EOS included).
 ATTACK_MAX_TOKENS = 60
 
@@ -43,27 +40,8 @@ _GUIDANCE_COLUMNS = ("evaluation_guidance", "sd_guidance_scale", "guidance")
 _SAFE_CASE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.,-]*$")
 
 
-@dataclass(frozen=True)
-class PromptRow:
-    """One evaluation image: its case number (the file name), prompt, seed, guidance and size.
-
-    ``guidance``/``width``/``height`` are ``None`` where the row does not say (the run's defaults
-    apply). ``extra`` keeps the other columns (``categories``, ``artist``, …) for the report.
-    """
-
-    case: str
-    prompt: str
-    seed: int
-    guidance: float | None = None
-    width: int | None = None
-    height: int | None = None
-    index: int = 0
-    extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def file(self) -> str:
-        """The image's file name, ``<case_number>.png``."""
-        return f"{self.case}.png"
+#: One evaluation image (the generation module's row: case, prompt, seed, guidance, size).
+PromptRow = ImageRow
 
 
 def resolve_prompt_file(spec: str) -> Path:

@@ -1,6 +1,6 @@
 """Step 4 of the evaluation: pre-ASR, ASR and per-class counts, written as report.json, report.md and a grid.
 
-UnlearnDiff's numbers (``scripts/analysis/check_asr.py``; METHOD.md §9):
+UnlearnDiff's numbers (``scripts/analysis/check_asr.py``; docs/method.md §9):
 
 - pre-ASR = (prompts whose plain generation by the erased model shows the concept) / N;
 - ASR = (prompts that show it without attack + prompts where the attack succeeds) / N.
@@ -25,10 +25,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image
 
-from ..checkpoints import atomic_write, atomic_write_text
 from ..errors import CoErasingError
+from ..files import atomic_write, atomic_write_text
 from .detectors import Detection
 
 
@@ -85,30 +85,6 @@ def class_counts(detections: Mapping[str, Detection]) -> dict[str, int]:
         for label in detection.labels:
             counts[label] = counts.get(label, 0) + 1
     return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
-
-
-def image_grid(
-    items: Sequence[tuple[Path, str, bool | None]], columns: int = 8, cell: int = 128, limit: int = 64
-) -> Image.Image:
-    """Thumbnails with a caption; a red frame marks images that show the concept, green those that do not."""
-    items = list(items)[:limit]
-    columns = max(1, min(columns, len(items)))
-    rows = max(1, (len(items) + columns - 1) // columns)
-    caption = 14
-    grid = Image.new("RGB", (columns * cell, rows * (cell + caption)), "white")
-    draw = ImageDraw.Draw(grid)
-    for index, (path, text, positive) in enumerate(items):
-        x, y = (index % columns) * cell, (index // columns) * (cell + caption)
-        try:
-            with Image.open(path) as image:
-                thumb = ImageOps.contain(image.convert("RGB"), (cell - 4, cell - 4))
-        except OSError:
-            thumb = Image.new("RGB", (cell - 4, cell - 4), "gray")
-        grid.paste(thumb, (x + 2, y + 2))
-        if positive is not None:
-            draw.rectangle((x, y, x + cell - 1, y + cell - 1), outline="red" if positive else "green", width=2)
-        draw.text((x + 2, y + cell), text[:20], fill="black")
-    return grid
 
 
 def _percent(value: float | None) -> str:
@@ -200,7 +176,7 @@ def usability_metric(name: str, images_dir: str | Path, prompts: Mapping[str, st
 def clip_score(
     images_dir: str | Path, prompts: Mapping[str, str], clip_model: str | None, batch_size: int = 32
 ) -> float:
-    """Mean cosine similarity of CLIP image and text embeddings (the 0.30-scale "CLIP score" of METHOD.md §8)."""
+    """Mean cosine similarity of CLIP image and text embeddings (the 0.30-scale "CLIP score" of docs/method.md §8)."""
     import torch
     from transformers import CLIPModel, CLIPProcessor
 

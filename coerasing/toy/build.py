@@ -53,8 +53,8 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from ..checkpoints import atomic_write_text
-from ..testing import CLIP_TOKENIZER_DIR, SD14_SCHEDULER_CONFIG, load_clip_tokenizer
+from ..files import atomic_write_text
+from ..models import CLIP_TOKENIZER_DIR, SD14_SCHEDULER_CONFIG, load_clip_tokenizer
 from . import TOY_GUIDANCE
 from .classifier import CLASSIFIER_SHAPES, NO_SHAPE, ToyClassifier
 from .quality import IP_ADAPTER_SAFETENSORS_NAME, IP_ADAPTER_WEIGHT_NAME, evaluate_quality, plan_settings

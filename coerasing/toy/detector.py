@@ -20,7 +20,7 @@ from typing import Any
 from PIL import Image
 
 from ..errors import CoErasingError
-from ..eval.detectors import Detection
+from ..eval.detectors import Detection, DetectorSpec, register_detector
 from . import TOY_GUIDANCE
 from .classifier import CLASSIFIER_SHAPES, ToyClassifier
 from .world import SHAPES, explicit_prompts, implicit_prompts
@@ -72,6 +72,14 @@ class ToyShapeDetector:
             "classifier": str(self.folder),
             "targets": self.targets,
         }
+
+
+def detector_from_spec(spec: DetectorSpec) -> ToyShapeDetector:
+    """The detector factory (``--detector toy``, and the toy prompt sets' default plug-in reference)."""
+    return ToyShapeDetector(spec.classifier, spec.targets, spec.device)
+
+
+register_detector("toy", detector_from_spec)
 
 
 def prompt_rows(shape: str, seeds_per_prompt: int = SEEDS_PER_PROMPT) -> list[dict[str, str]]:

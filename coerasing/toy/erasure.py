@@ -30,12 +30,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
-from ..checkpoints import atomic_write
 from ..cli import run_cli
 from ..errors import CoErasingError
+from ..files import atomic_write
 from ..formats import load_unet_checkpoint_into
+from ..grid import image_grid
 from . import TOY_GUIDANCE
 from .classifier import ToyClassifier
 from .quality import generate_for_prompts, load_pipeline
@@ -119,49 +119,6 @@ def grid_prompts(prompts: dict[str, list[EvalPrompt]], per_group: Sequence[int] 
     return chosen
 
 
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow built without FreeType
-        return ImageFont.load_default()
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return [*lines, line] if line else lines
-
-
-def labelled_grid(
-    rows: dict[str, np.ndarray], columns: Sequence[str], groups: Sequence[str], cell: int = 96
-) -> Image.Image:
-    """Rows of ``[n_columns, H, W, 3]`` uint8 images, each row labelled with its model and each column
-    with its prompt (and group), upscaled to ``cell`` pixels."""
-    font = _font(11)
-    label_w, header_h, pad = 70, 62, 4
-    width = label_w + len(columns) * (cell + pad)
-    height = header_h + len(rows) * (cell + pad)
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-    for c, (text, group) in enumerate(zip(columns, groups, strict=True)):
-        x = label_w + c * (cell + pad)
-        draw.text((x, 2), group, fill=(160, 0, 0) if group != "unrelated" else (0, 110, 0), font=font)
-        for k, line in enumerate(_wrap(text, 16)[:3]):
-            draw.text((x, 16 + 14 * k), line, fill="black", font=font)
-    for r, (name, images) in enumerate(rows.items()):
-        y = header_h + r * (cell + pad)
-        draw.text((4, y + cell // 2 - 6), name, fill="black", font=font)
-        for c, image in enumerate(images):
-            tile = Image.fromarray(image).resize((cell, cell), Image.NEAREST)
-            canvas.paste(tile, (label_w + c * (cell + pad), y))
-    return canvas
-
-
 def evaluate_erasure(
     model: str | Path,
     concept: str,
@@ -216,7 +173,8 @@ def evaluate_erasure(
     report["seconds"] = round(time.perf_counter() - t0, 1)
     if grid_path is not None:
         groups = [next(g for g in GROUPS if p in prompts[g]) for p in columns]
-        grid = labelled_grid(grid_rows, [p.prompt for p in columns], groups)
+        grid = image_grid(list(grid_rows.values()), row_labels=list(grid_rows),
+                          column_labels=[p.prompt for p in columns], column_groups=groups)
         atomic_write(grid_path, lambda tmp: grid.save(tmp, format="PNG"))
         report["grid"] = str(grid_path)
     return report

@@ -25,9 +25,11 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from ..checkpoints import atomic_write, atomic_write_text
+from .. import generation
 from ..cli import run_cli
 from ..errors import CoErasingError
+from ..files import atomic_write, atomic_write_text
+from ..grid import image_grid
 from . import TOY_GUIDANCE
 from .classifier import ToyClassifier
 from .world import SHAPES, EvalPrompt, explicit_prompts, heldout_scenes, implicit_prompts, render
@@ -66,19 +68,13 @@ def generate_for_prompts(
 ) -> np.ndarray:
     """``[len(prompts) * images_per_prompt, H, W, 3]`` uint8, prompt-major; image ``i`` uses seed ``seed + i``."""
     flat = [p for p in prompts for _ in range(images_per_prompt)]
-    device = pipe.device
+    size = generation.default_size(pipe)
     out = []
     for start in range(0, len(flat), batch_size):
         chunk = flat[start : start + batch_size]
-        generators = [torch.Generator(device).manual_seed(seed + start + i) for i in range(len(chunk))]
-        images = pipe(
-            list(chunk),
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=generators,
-            output_type="np",
-        ).images
-        out.append(_to_uint8(images))
+        seeds = [seed + start + i for i in range(len(chunk))]
+        out.append(generation.render(pipe, seeds, guidance_scale, size, size, num_inference_steps, chunk,
+                                     output_type="np"))
     return np.concatenate(out) if out else np.zeros((0, 0, 0, 3), np.uint8)
 
 
@@ -130,16 +126,6 @@ def shape_histogram(predictions: Sequence[dict[str, str]]) -> dict[str, int]:
     for p in predictions:
         counts[p["shape"]] = counts.get(p["shape"], 0) + 1
     return dict(sorted(counts.items()))
-
-
-def _grid(images: np.ndarray, columns: int) -> Image.Image:
-    n, h, w, _ = images.shape
-    rows = -(-n // columns)
-    canvas = np.full((rows * h, columns * w, 3), 255, np.uint8)
-    for i, image in enumerate(images):
-        r, c = divmod(i, columns)
-        canvas[r * h : (r + 1) * h, c * w : (c + 1) * w] = image
-    return Image.fromarray(canvas)
 
 
 def _score_prompts(
@@ -225,11 +211,10 @@ def evaluate_quality(
     }
     result["all_passed"] = all(t["passed"] for t in result["targets"].values())
     if samples_path is not None:
-        rows = [np.concatenate([s, np.full((30 - len(s), *s.shape[1:]), 255, np.uint8)]) for s in samples if len(s)]
-        if rows:
-            grid = _grid(np.concatenate(rows), 10).resize(
-                (10 * 2 * resolution, len(rows) * 3 * 2 * resolution), Image.NEAREST
-            )
+        images = [image for group in samples if len(group) for image in [*group, *[None] * (30 - len(group))]]
+        if images:
+            grid = image_grid([images[start : start + 10] for start in range(0, len(images), 10)],
+                              cell=2 * resolution, pad=0)
             atomic_write(samples_path, lambda tmp: grid.save(tmp, format="PNG"))
     return result
 

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from coerasing.eval import attack as A
-from coerasing.eval.generate import GenerationSettings, load_eval_pipeline
 from coerasing.eval.prompts import PromptRow
+from coerasing.generation import GenerationSettings, load_eval_pipeline
 
 from .conftest import ScriptedDetector
 

@@ -123,7 +123,7 @@ def test_config_defaults_match_the_component_settings():
     """EvalConfig repeats the defaults of GenerationSettings/AttackSettings (lazy imports); keep them equal."""
     from coerasing.eval import EvalConfig
     from coerasing.eval.attack import AttackSettings
-    from coerasing.eval.generate import GenerationSettings
+    from coerasing.generation import GenerationSettings
 
     config = EvalConfig()
     assert config.generation_settings() == GenerationSettings()

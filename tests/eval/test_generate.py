@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from coerasing.errors import CoErasingError
-from coerasing.eval.generate import GenerationSettings, generate_images, load_eval_pipeline, plan_batches
 from coerasing.eval.prompts import load_prompts
+from coerasing.generation import GenerationSettings, generate_images, load_eval_pipeline, plan_batches
 
 from ..conftest import REPO_ROOT
 

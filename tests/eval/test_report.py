@@ -9,7 +9,8 @@ from PIL import Image
 
 from coerasing.errors import CoErasingError
 from coerasing.eval.detectors import Detection
-from coerasing.eval.report import asr_summary, class_counts, image_grid, markdown_report, write_report
+from coerasing.eval.report import asr_summary, class_counts, markdown_report, write_report
+from coerasing.eval.steps import thumbnail_grid
 
 CASES = [str(i) for i in range(10)]
 #: 0–2 show the concept without attack; 8 and 9 are too long to attack (9 shows it anyway).
@@ -66,7 +67,7 @@ def test_written_report(tmp_path):
         path = tmp_path / f"{i}.png"
         Image.new("RGB", (64, 48), (80 * i, 0, 0)).save(path)
         images.append((path, str(i), i == 1))
-    grid = image_grid(images, columns=2, cell=32)
+    grid = thumbnail_grid(images, columns=2, cell=32)
     assert grid.size == (64, 2 * (32 + 14))
     report = {
         "prompts": "nudity", "ckpt_path": "sd", "unet": "unet.pth", "attack_max_tokens": 60,

@@ -7,6 +7,7 @@ import pytest
 
 from coerasing.cli import run_cli
 from coerasing.errors import CoErasingError
+from coerasing.grid import image_grid
 from coerasing.toy import erasure
 from coerasing.toy.world import SHAPES, EvalPrompt
 
@@ -58,7 +59,8 @@ def test_grid_prompts_cover_every_group_and_labelled_grid_has_one_cell_per_image
     groups = {g for g, items in prompts.items() for p in columns if p in items}
     assert groups == set(erasure.GROUPS)
     rows = {name: np.full((len(columns), 32, 32, 3), 40 * i, np.uint8) for i, name in enumerate(("base", "text"))}
-    grid = erasure.labelled_grid(rows, [p.prompt for p in columns], ["explicit"] * len(columns), cell=48)
+    grid = image_grid(list(rows.values()), cell=48, row_labels=list(rows), column_labels=[p.prompt for p in columns],
+                      column_groups=["explicit"] * len(columns))
     assert grid.width > len(columns) * 48 and grid.height > 2 * 48
     # the second row's first cell is filled with that row's images
     assert grid.getpixel((70 + 10, 62 + 48 + 4 + 10)) == (40, 40, 40)

@@ -1,0 +1,121 @@
+"""Writing files so that nothing is lost: atomic writes (temp file + rename) and stale-temp cleanup.
+
+Every file the project writes (checkpoints, images, JSON, CSV) goes through :func:`atomic_write`:
+it is written under a temporary name in the same folder, ``.<name>.<pid>.<random>.tmp``, and
+renamed into place, so a crash never leaves a half-written file under the real name. A process
+killed mid-write leaves its temporary file behind; :func:`remove_stale_temps` deletes those whose
+process is gone (called when a run folder is opened again).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+_TEMP = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` and move ``tmp`` onto ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        write(tmp)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: str | Path, payload: Any) -> Path:
+    return atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete the temporary files of :func:`atomic_path` in ``folder`` whose writing process is gone."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        match = _TEMP.match(path.name)
+        if match and path.is_file() and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of the file's size, first MiB and last MiB (fast on multi-GB weights, exact for small files)."""
+    import hashlib
+
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as handle:
+        if size <= 2 * chunk:
+            digest.update(handle.read())
+        else:
+            digest.update(handle.read(chunk))
+            handle.seek(size - chunk)
+            digest.update(handle.read(chunk))
+    return digest.hexdigest()[:16]
+
+
+def fingerprint(spec: str | Path | None) -> str | None:
+    """A short content fingerprint of a local file or folder (``None`` stays ``None``; a Hub id is itself).
+
+    Folders hash every file's relative path, size, first and last MiB, so a changed weight file
+    changes the fingerprint; results cached under the old one are never reused for it.
+    """
+    import hashlib
+
+    if spec is None:
+        return None
+    path = Path(spec).expanduser()
+    if not path.exists():
+        return str(spec)
+    if path.is_file():
+        return _file_digest(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        digest.update(str(file.relative_to(path)).encode())
+        digest.update(_file_digest(file).encode())
+    return digest.hexdigest()[:16]

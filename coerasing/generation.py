@@ -1,0 +1,383 @@
+"""Image generation, once for the whole project: reference images, evaluation images, the comparison.
+
+One *row* is one image: its file name, prompt, seed, and optionally guidance and size
+(:class:`ImageRow`). :func:`generate_images` makes a folder of rows:
+
+- Image ``<case>.png`` comes from the row's prompt and seed; the initial noise comes from its own
+  ``torch.Generator("cpu").manual_seed(seed)`` (as UnlearnDiff's and ESD's ``torch.manual_seed``),
+  so it is the same on any device, for any batch size and any number of processes.
+- Guidance and size are the flag's if given, else the row's, else the defaults (7.5; the model's
+  native size, 512 px for SD v1.x).
+- Consecutive rows with the same guidance and size share a call (up to ``batch_size``). Under
+  ``accelerate launch``/``torchrun`` process ``r`` of ``N`` takes batches ``r, r+N, …`` of that plan,
+  so every image is made in the same batch, and with the same bytes, whatever the number of
+  processes. (A different batch size may change an image by a rounding step.)
+- Resume: a rerun skips images that exist. The folder's ``generation.json`` records the model, the
+  erased artifact, the sampler settings and every row's prompt/seed/guidance/size; an existing
+  image made with other settings is never reused: the run stops with an error that says so.
+- Every PNG is written atomically; the main process writes the manifest and ``run.json`` at the end.
+
+Generation goes through a :class:`~coerasing.methods.Runtime`, so erasers that act at inference
+(add-on modules, attention processors) generate exactly as they are evaluated.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .choices import SCHEDULERS
+from .errors import CoErasingError
+from .files import atomic_write, atomic_write_json, atomic_write_text, remove_stale_temps
+from .images import open_rgb_strict
+from .models import _from_pretrained, check_mixed_precision, parse_device, resolve_dtype
+
+#: Guidance when neither the flag nor the row gives one (SD's usual 7.5).
+DEFAULT_GUIDANCE = 7.5
+#: The folder's record of what made its images (see the module docstring).
+GENERATION_RECORD = "generation.json"
+MANIFEST = "manifest.csv"
+MANIFEST_FIELDS = ("file", "case", "prompt", "seed", "guidance", "width", "height")
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    """One image to generate: its case (the file name), prompt, seed, guidance and size.
+
+    ``guidance``/``width``/``height`` are ``None`` where the row does not say (the run's defaults
+    apply). ``extra`` keeps other columns of a prompt file (``categories``, …) for reports.
+    """
+
+    case: str
+    prompt: str
+    seed: int
+    guidance: float | None = None
+    width: int | None = None
+    height: int | None = None
+    index: int = 0
+    extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def file(self) -> str:
+        """The image's file name, ``<case>.png``."""
+        return f"{self.case}.png"
+
+
+@dataclass
+class GenerationSettings:
+    """How images are generated; ``None`` for guidance/size means "the row's value, else the default"."""
+
+    num_inference_steps: int = 50
+    guidance_scale: float | None = None
+    height: int | None = None
+    width: int | None = None
+    batch_size: int = 1
+    scheduler: str = "default"
+
+
+def distributed_state(cpu: bool) -> Any:
+    """accelerate's process state: rank, world size and device under ``accelerate launch``/``torchrun``.
+
+    ``cpu=True`` lets several CPU processes (gloo) form one group, as ``torchrun`` starts them.
+    """
+    from accelerate import PartialState
+
+    return PartialState(cpu=cpu)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pipelines
+
+
+def set_scheduler(pipe: Any, name: str) -> None:
+    """Swap the pipeline's sampler (same noise schedule, from the model's scheduler config)."""
+    if name == "default":
+        return
+    import diffusers
+
+    classes = {
+        "pndm": "PNDMScheduler",
+        "lms": "LMSDiscreteScheduler",
+        "ddim": "DDIMScheduler",
+        "euler": "EulerDiscreteScheduler",
+        "dpm": "DPMSolverMultistepScheduler",
+    }
+    if name not in classes:
+        raise CoErasingError(f"--scheduler {name!r} is not one of {', '.join(SCHEDULERS)}.")
+    if name == "lms" and importlib.util.find_spec("scipy") is None:
+        raise CoErasingError(
+            "--scheduler lms (UnlearnDiff's sampler) needs scipy, which diffusers' LMSDiscreteScheduler uses to "
+            "integrate its coefficients. Install it (pip install scipy) or pick another --scheduler."
+        )
+    pipe.scheduler = getattr(diffusers, classes[name]).from_config(pipe.scheduler.config)
+
+
+def load_generation_pipeline(ckpt_path: str, device: torch.device, dtype: torch.dtype, scheduler: str = "default"):
+    """The base SD pipeline with the safety checker off (it would blank the concept's images)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = _from_pretrained(
+        StableDiffusionPipeline, ckpt_path, None, "--ckpt_path",
+        safety_checker=None, requires_safety_checker=False, dtype=dtype,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    set_scheduler(pipe, scheduler)
+    return pipe.to(device)
+
+
+def load_runtime(
+    ckpt_path: str, artifact: str | Path | None, device: torch.device, dtype: torch.dtype,
+    scheduler: str = "default", flag: str = "--artifact",
+) -> Any:
+    """The base pipeline with an erased artifact applied (:func:`coerasing.methods.apply_artifact`)."""
+    from .methods import apply_artifact
+
+    pipe = load_generation_pipeline(ckpt_path, device, dtype, scheduler)
+    runtime = apply_artifact(pipe, artifact, flag)
+    if artifact is not None:
+        print(f"erased model {artifact}: {getattr(runtime, 'format', runtime.describe()['method'])}")
+    return runtime
+
+
+def load_eval_pipeline(
+    ckpt_path: str, unet: str | None, device: torch.device, dtype: torch.dtype, scheduler: str = "default"
+) -> Any:
+    """The base SD pipeline with an erased UNet checkpoint (any format) loaded strictly, if given."""
+    return load_runtime(ckpt_path, unet, device, dtype, scheduler, flag="--unet").pipe
+
+
+def default_size(pipe: Any) -> int:
+    """The model's native resolution: ``unet.config.sample_size × vae_scale_factor`` (512 for SD v1.x)."""
+    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering
+
+
+def row_call_settings(row: ImageRow, settings: GenerationSettings, size: int) -> tuple[float, int, int]:
+    """(guidance, height, width) for one row: the flag if given, else the row's value, else the default."""
+    guidance = settings.guidance_scale if settings.guidance_scale is not None else row.guidance
+    height = settings.height or row.height or size
+    width = settings.width or row.width or size
+    return float(guidance if guidance is not None else DEFAULT_GUIDANCE), int(height), int(width)
+
+
+def seeded_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per image, seeded with the row's seed (UnlearnDiff's ``torch.manual_seed(seed)``)."""
+    return [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+
+
+@torch.no_grad()
+def render(
+    pipe: Any,
+    seeds: Sequence[int],
+    guidance: float,
+    height: int,
+    width: int,
+    num_inference_steps: int,
+    prompts: Sequence[str] | None = None,
+    prompt_embeds: torch.Tensor | None = None,
+    output_type: str = "pil",
+) -> list[Image.Image] | np.ndarray:
+    """Generate one image per seed from ``prompts`` or from ready text states ``prompt_embeds`` ``[B, 77, d]``.
+
+    The unconditional branch of classifier-free guidance is the empty prompt either way.
+    ``output_type="np"`` returns ``[B, H, W, 3]`` uint8 instead of PIL images.
+    """
+    kwargs: dict[str, Any] = {"prompt": list(prompts)} if prompts is not None else {"prompt_embeds": prompt_embeds}
+    images = pipe(
+        **kwargs,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance,
+        height=height,
+        width=width,
+        generator=seeded_generators(seeds),
+        output_type="np" if output_type == "np" else "pil",
+    ).images
+    if output_type == "np":
+        return np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)
+    return images
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    """Write ``image`` as PNG atomically (a crash never leaves a half-written file)."""
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def load_image(path: Path) -> Image.Image:
+    """Open a generated image fully into memory as 8-bit RGB (a clear error for a missing or corrupt file)."""
+    try:
+        return open_rgb_strict(path)
+    except CoErasingError as exc:
+        raise CoErasingError(f"{exc} Delete it and rerun to remake it.") from exc
+
+
+# ----------------------------------------------------------------------------------------------
+# Folders of rows
+
+
+def plan_batches(rows: Sequence[ImageRow], settings: GenerationSettings, size: int) -> list[list[ImageRow]]:
+    """Consecutive rows with the same (guidance, height, width), at most ``batch_size`` per call."""
+    batches: list[list[ImageRow]] = []
+    key = None
+    for row in rows:
+        row_key = row_call_settings(row, settings, size)
+        if batches and row_key == key and len(batches[-1]) < settings.batch_size:
+            batches[-1].append(row)
+        else:
+            batches.append([row])
+            key = row_key
+    return batches
+
+
+def _row_record(row: ImageRow, settings: GenerationSettings) -> list[Any]:
+    """What makes one image: prompt, seed and the guidance/size it asks for (``None``: the default)."""
+    guidance = settings.guidance_scale if settings.guidance_scale is not None else row.guidance
+    return [row.prompt, int(row.seed), guidance, settings.height or row.height, settings.width or row.width]
+
+
+def check_generation_record(
+    folder: Path, rows: Sequence[ImageRow], settings: GenerationSettings, fingerprint: dict[str, Any]
+) -> dict[str, Any]:
+    """Refuse a folder whose existing images were made with other settings; return the updated record.
+
+    ``fingerprint`` says what model and artifact make the images (see :func:`generate_images`).
+    """
+    run = {**fingerprint, "num_inference_steps": settings.num_inference_steps, "scheduler": settings.scheduler}
+    wanted = {row.file: _row_record(row, settings) for row in rows}
+    existing = [name for name in wanted if (folder / name).exists()]
+    path = folder / GENERATION_RECORD
+    record: dict[str, Any] = {"run": run, "rows": {}}
+    if path.exists():
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CoErasingError(f"{path} could not be read ({exc}); delete the folder {folder} to start afresh.") \
+                from exc
+    if existing:
+        how = "use another output folder, or delete it to generate afresh"
+        if not path.exists():
+            raise CoErasingError(
+                f"{folder} already holds {len(existing)} images (e.g. {existing[0]}) but no {GENERATION_RECORD}, so "
+                f"it is unknown what made them; {how}."
+            )
+        if record.get("run") != run:
+            changed = sorted(k for k in set(run) | set(record.get("run", {}))
+                             if run.get(k) != record.get("run", {}).get(k))
+            raise CoErasingError(
+                f"{folder} holds images made with other settings ({', '.join(changed)} differ: "
+                f"{ {k: record.get('run', {}).get(k) for k in changed} } before, { {k: run.get(k) for k in changed} } "
+                f"now). They are not reused; {how}."
+            )
+        stale = [name for name in existing if record.get("rows", {}).get(name) != json.loads(json.dumps(wanted[name]))]
+        if stale:
+            raise CoErasingError(
+                f"{folder}: {len(stale)} existing images were made from other prompts, seeds, guidance or sizes "
+                f"(e.g. {stale[0]}: {record.get('rows', {}).get(stale[0])} before, {wanted[stale[0]]} now). "
+                f"They are not reused; {how}."
+            )
+    record = {"run": run, "rows": {**record.get("rows", {}), **wanted}}
+    return record
+
+
+def write_manifest(
+    folder: Path, rows: Sequence[ImageRow], settings: GenerationSettings, size: int,
+    name: str = MANIFEST, columns: Sequence[str] = MANIFEST_FIELDS,
+) -> None:
+    """The manifest CSV (default ``manifest.csv``): file, case, prompt, seed, guidance and size of each image."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        guidance, height, width = row_call_settings(row, settings, size)
+        writer.writerow({"file": row.file, "case": row.case, "prompt": row.prompt, "seed": row.seed,
+                         "guidance": guidance, "width": width, "height": height})
+    atomic_write_text(folder / name, buffer.getvalue())
+
+
+def generate_images(
+    rows: Sequence[ImageRow],
+    folder: str | Path,
+    settings: GenerationSettings,
+    load_pipe: Callable[[torch.device, torch.dtype], Any],
+    device: str | None = None,
+    mixed_precision: str = "no",
+    run_info: dict[str, Any] | None = None,
+    desc: str = "generating",
+    write_manifest_files: bool = True,
+    fingerprint: dict[str, Any] | None = None,
+    manifest: str = MANIFEST,
+    manifest_columns: Sequence[str] = MANIFEST_FIELDS,
+) -> Path:
+    """Generate ``<case>.png`` for every row into ``folder`` (sharded, batched, resumable; see module doc).
+
+    ``load_pipe(device, dtype)`` builds the pipeline or :class:`~coerasing.methods.Runtime`; it is
+    only called when this process has images left to make. ``fingerprint`` (model, artifact, …) is
+    compared with the folder's record so that images made otherwise are never reused.
+    ``write_manifest_files=False`` leaves the manifest and ``run.json`` alone.
+    """
+    from .checkpoints import write_run_json
+    from .methods import Runtime
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(folder)
+    state = distributed_state(cpu=device == "cpu" or not torch.cuda.is_available())
+    record = check_generation_record(folder, rows, settings, {"mixed_precision": mixed_precision,
+                                                              **(fingerprint or {})})
+    state.wait_for_everyone()  # every process checked the old record before any writes it
+    if state.is_main_process:
+        atomic_write_json(folder / GENERATION_RECORD, record)
+    # The batch plan is made on all rows (rows without a size share the model's, whatever it is), so an
+    # image's batch, and so its bytes, do not depend on the number of processes.
+    mine = plan_batches(rows, settings, 0)[state.process_index :: state.num_processes]
+    todo = [[row for row in batch if not (folder / row.file).exists()] for batch in mine]
+    todo = [batch for batch in todo if batch]
+    total, left = sum(map(len, mine)), sum(map(len, todo))
+    if left < total:
+        rest = "generating the rest" if left else "nothing to generate"
+        print(f"{total - left} of {total} images already exist in {folder}; {rest}")
+    size = None
+    if todo:
+        run_device = parse_device(device) if device or state.num_processes == 1 else state.device
+        check_mixed_precision(mixed_precision, (run_device,))
+        runtime = load_pipe(run_device, resolve_dtype(mixed_precision, run_device))
+        runtime = runtime if isinstance(runtime, Runtime) else Runtime(runtime)
+        size = default_size(runtime.pipe)
+        for batch in tqdm(todo, desc=desc, unit="batch", disable=len(todo) < 2):
+            guidance, height, width = row_call_settings(batch[0], settings, size)
+            images = runtime.render([row.seed for row in batch], guidance, height, width,
+                                    settings.num_inference_steps, prompts=[row.prompt for row in batch])
+            for row, image in zip(batch, images, strict=True):
+                save_png(image, folder / row.file)
+    state.wait_for_everyone()
+    if state.is_main_process and write_manifest_files:
+        if size is None:
+            size = _size_from_images(folder, rows)
+        write_manifest(folder, rows, settings, size, manifest, manifest_columns)
+        info = {**(run_info or {}), "settings": asdict(settings), "processes": state.num_processes,
+                "images": len(rows)}
+        write_run_json(folder, info.pop("config", {}), **info)
+        print(f"{len(rows)} images in {folder}")
+    return folder
+
+
+def _size_from_images(folder: Path, rows: Sequence[ImageRow]) -> int:
+    """The default size when nothing was generated in this run: read from an existing image without a size."""
+    for row in rows:
+        if row.width is None and row.height is None and (folder / row.file).exists():
+            with Image.open(folder / row.file) as image:
+                return int(image.width)
+    return 512

@@ -1,0 +1,145 @@
+"""The eraser interface: every method trains an *artifact*; an artifact applied to a pipeline is a *runtime*.
+
+- :class:`Artifact`: what a trained eraser is on disk. Either a plain UNet checkpoint (ESD,
+  Co-Erasing, STEREO: any format :mod:`coerasing.formats` reads), or a folder with
+  ``artifact.json`` (``{"method": name, "settings": {...}, ...}``) and the method's own files
+  (CPE's gate weights, GIE's settings and adapter).
+- :class:`Runtime`: a ``StableDiffusionPipeline`` with one artifact applied. Everything that
+  generates or attacks goes through it: :meth:`Runtime.render` (images for prompts or text
+  states) and :meth:`Runtime.noise_pred` (the erased model's ε, the attack's objective), so add-on
+  modules and attention processors are active in every evaluation path. :meth:`Runtime.close`
+  gives the pipeline back unchanged.
+- :class:`Method`: a named eraser; :meth:`Method.apply` turns an artifact into a runtime.
+  Methods that the comparison trains also implement ``trace`` (see :mod:`coerasing.compare`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ..errors import CoErasingError
+from ..files import atomic_write_text
+
+ARTIFACT_FILE = "artifact.json"
+#: ``Artifact.method`` of a plain UNet checkpoint that carries no ``artifact.json``.
+UNET_CHECKPOINT = "unet"
+
+
+@dataclass
+class Artifact:
+    """A trained eraser on disk: its method's name, its folder (or UNet file) and settings."""
+
+    method: str
+    path: Path
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def folder(self) -> Path:
+        return self.path if self.path.is_dir() else self.path.parent
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.method, "path": str(self.path), "settings": self.settings}
+
+
+def write_artifact(folder: str | Path, method: str, settings: dict[str, Any], **extra: Any) -> Path:
+    """Write ``folder/artifact.json`` (atomically) for a method whose artifact is a folder."""
+    folder = Path(folder)
+    payload = {"method": method, "settings": settings, **extra}
+    return atomic_write_text(folder / ARTIFACT_FILE, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def read_artifact(path: str | Path, flag: str = "--artifact") -> Artifact:
+    """Any artifact: a folder with ``artifact.json``, else a UNet checkpoint (file or diffusers folder)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CoErasingError(
+            f"{flag} {path} does not exist; pass an erased UNet checkpoint (unet.pth, .pt, .safetensors, a "
+            "diffusers UNet folder) or a method's artifact folder (with artifact.json)."
+        )
+    if path.is_dir() and (path / ARTIFACT_FILE).is_file():
+        try:
+            data = json.loads((path / ARTIFACT_FILE).read_text(encoding="utf-8"))
+            return Artifact(method=str(data["method"]), path=path, settings=dict(data.get("settings") or {}))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CoErasingError(f"{flag} {path}: {ARTIFACT_FILE} is not readable ({exc}).") from exc
+    return Artifact(method=UNET_CHECKPOINT, path=path)
+
+
+class Runtime:
+    """A pipeline with an eraser applied (the base runtime applies nothing: the base model)."""
+
+    def __init__(self, pipe: Any, artifact: Artifact | None = None) -> None:
+        self.pipe = pipe
+        self.artifact = artifact
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.unet.device
+
+    def render(
+        self,
+        seeds: Sequence[int],
+        guidance: float,
+        height: int,
+        width: int,
+        num_inference_steps: int,
+        prompts: Sequence[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+    ) -> list[Image.Image]:
+        """One image per seed from ``prompts`` (or ready text states ``[B, 77, d]``)."""
+        from ..generation import render
+
+        return render(self.pipe, seeds, guidance, height, width, num_inference_steps, prompts, prompt_embeds)
+
+    def noise_pred(self, latents: torch.Tensor, timestep: torch.Tensor, text_states: torch.Tensor) -> torch.Tensor:
+        """The erased model's ε(z_t, t, c) (what the white-box attack differentiates)."""
+        return self.pipe.unet(latents, timestep, encoder_hidden_states=text_states).sample
+
+    def describe(self) -> dict[str, Any]:
+        return self.artifact.describe() if self.artifact is not None else {"method": "base"}
+
+    def close(self) -> None:
+        """Undo what :meth:`Method.apply` changed on the pipeline."""
+
+
+class UNetRuntime(Runtime):
+    """An erased UNet checkpoint loaded strictly into the pipeline's UNet (restored on close)."""
+
+    def __init__(self, pipe: Any, artifact: Artifact, flag: str = "--artifact") -> None:
+        from ..formats import load_unet_checkpoint_into
+
+        super().__init__(pipe, artifact)
+        self._base = {key: value.detach().clone() for key, value in pipe.unet.state_dict().items()}
+        self.format = load_unet_checkpoint_into(pipe.unet, artifact.path, flag)
+
+    def close(self) -> None:
+        self.pipe.unet.load_state_dict(self._base, strict=True)
+
+
+class Method:
+    """A named eraser. Subclasses set ``name`` and ``summary`` and implement :meth:`apply`."""
+
+    name: str = ""
+    summary: str = ""
+    #: What the artifact is: ``"unet"`` (a UNet state dict) or ``"addon"`` (modules/processors, folder).
+    artifact_kind: str = "unet"
+    #: The config dataclass of :meth:`train` (its fields are the flags of ``erase_pipeline.py --method``).
+    config_class: type | None = None
+
+    def train(self, config: Any) -> Path:
+        """Train with ``config`` (an instance of :attr:`config_class`); returns the final artifact's path."""
+        raise CoErasingError(f"the method {self.name!r} has no training of its own.")
+
+    def apply(self, artifact: Artifact, pipe: Any) -> Runtime:
+        """The pipeline with ``artifact`` applied (default: load a UNet checkpoint)."""
+        return UNetRuntime(pipe, artifact)
+
+    def __repr__(self) -> str:
+        return f"<method {self.name}>"
