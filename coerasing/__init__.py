@@ -1,12 +1,24 @@
-"""coerasing: Co-Erasing (ICML 2025) concept erasure for Stable Diffusion, on diffusers.
+"""coerasing: Co-Erasing (ICML 2025) and the erasers it is compared with, for Stable Diffusion, on diffusers.
 
-Modules, one concept each (METHOD.md sections in brackets):
-``sampling`` (partial denoising, §4.3), ``objectives`` (negative-guidance target, text-guided
-refinement, latent blur; §4.5, §5.2-5.5), ``params`` (``--train_method``, §6), ``ip_adapter``
-(IP-Adapter wiring), ``images`` (reference images), ``models`` (loading, devices),
-``checkpoints`` (atomic save, strict load, resume), ``train`` (the loop of both stages),
-``reference_images`` (stage 0), ``config``/``cli`` (flags ⇄ YAML ⇄ config), ``testing``
-(the tiny offline stack).
+Module map (docs/architecture.md has the layers; docs/method.md the equations):
+
+- the paper's pieces, one concept each: ``sampling`` (bucket and partial denoising, Eq. 1–2),
+  ``objectives`` (target, loss, refinement, token noise, blur; Eq. 3–7), ``params``
+  (``--train_method``, §6), ``ip_adapter`` (the image branch, Eq. 8), ``images`` (reference images,
+  CLIP preprocessing);
+- loading and files: ``models`` (components from a Hub id or folder, devices), ``formats`` (every
+  UNet weight format: read, write, convert), ``checkpoints`` (a run folder: resume state, run.json,
+  loss log), ``files`` (atomic writes, fingerprints);
+- running: ``train`` (the one erasing loop of both stages), ``generation`` (all image generation:
+  reference images, evaluation, comparison), ``reference_images`` (stage 0);
+- command lines: ``choices`` (the names users pick from), ``flags`` (flags declared once on config
+  dataclasses), ``config`` (``erase_pipeline.py``, ``generate_data.py``), ``cli`` (errors as one paragraph);
+- ``methods`` (every eraser behind one interface: ESD and Co-Erasing with its ablations, CPE,
+  STEREO, GIE), ``textual_inversion`` (STEREO's search and the concept-inversion attack);
+- ``eval`` (``evaluate.py``: prompts, generation, detectors, the UnlearnDiff attack, report),
+  ``compare`` (``compare.py``: erasers side by side), ``stats``, ``grid``;
+- ``toy`` (the shipped toy world: renderer, builder, classifier, detector, benchmark, demo);
+  ``testing`` (the tiny random stack for tests and benchmarks only).
 """
 
 __version__ = "0.1.0"

@@ -102,13 +102,13 @@ class EraseConfig:
                         help="partial-denoising sampler: ddpm (released code) or ddim (original ESD)")
     sampling_guidance: float = flag(1.0, group=WHAT, min=0, max=100, resume=True,
                                     help="classifier-free guidance of the partial denoising (1 = conditional only)")
-    ckpt_path: str = flag(DEFAULT_MODEL, group=MODELS, resume=True,
+    ckpt_path: str = flag(DEFAULT_MODEL, group=MODELS, resume=True, path=True,
                           help="base SD model: Hub id or local diffusers folder")
-    unet_ckpt_path: str | None = flag(None, group=MODELS, resume=True,
+    unet_ckpt_path: str | None = flag(None, group=MODELS, resume=True, path=True,
                                       help="UNet weights to start from (stage 1's unet.pth or any accepted format)")
-    ip_adapter: str = flag(DEFAULT_IP_ADAPTER, group=MODELS, resume=True,
+    ip_adapter: str = flag(DEFAULT_IP_ADAPTER, group=MODELS, resume=True, path=True,
                            help="IP-Adapter weights (stage 2): file, h94-like folder or Hub path")
-    image_encoder_path: str = flag(DEFAULT_IMAGE_ENCODER, group=MODELS, resume=True,
+    image_encoder_path: str = flag(DEFAULT_IMAGE_ENCODER, group=MODELS, resume=True, path=True,
                                    help="IP-Adapter image encoder: folder or Hub path")
     devices: str | None = flag(None, group=MODELS,
                                help="'0,1': frozen models on GPU 0, trained UNet on GPU 1; '0'; 'cpu' "
@@ -121,7 +121,7 @@ class EraseConfig:
                                         help="recompute UNet activations in backward: less memory, slower")
     compile: bool = flag(False, group=MODELS,
                          help="torch.compile the no-gradient UNet calls (partial denoising, frozen model)")
-    image: str | None = flag(None, group=IMAGE, resume=True,
+    image: str | None = flag(None, group=IMAGE, resume=True, path=True,
                              help="folder of reference images of the concept, or one image")
     image_number: int = flag(1000, group=IMAGE, min=1, max=10_000_000, resume=True,
                              help="size of the seeded random subset of --image")
@@ -133,7 +133,7 @@ class EraseConfig:
                             help="odd Gaussian kernel on the latent; 0 = off")
     noise_factor: float = flag(0.0, group=IMAGE, min=0, max=1e6, resume=True,
                                help="add f·U[0,1) to the image tokens")
-    contrastive_image: str | None = flag(None, group=IMAGE, resume=True,
+    contrastive_image: str | None = flag(None, group=IMAGE, resume=True, path=True,
                                          help="folder of pair folders with positive.png / negative.png")
     diff_method: str = flag("diff", group=IMAGE, choices=DIFF_METHODS, resume=True, help="contrastive direction")
     use_average: bool = flag(False, group=IMAGE, resume=True,

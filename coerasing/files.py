@@ -83,27 +83,29 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
     return removed
 
 
-def _file_digest(path: Path, chunk: int = 1 << 20) -> str:
-    """sha256 of the file's size, first MiB and last MiB (fast on multi-GB weights, exact for small files)."""
+def _file_digest(path: Path, whole: int = 256 << 20, chunk: int = 1 << 20, samples: int = 64) -> str:
+    """sha256 of a file: of all of it up to 256 MiB; above, of its size and 64 evenly spaced 1 MiB chunks
+    (multi-GB weights hash in a second, and two checkpoints of one run still differ in many chunks)."""
     import hashlib
 
     size = path.stat().st_size
     digest = hashlib.sha256(str(size).encode())
     with path.open("rb") as handle:
-        if size <= 2 * chunk:
-            digest.update(handle.read())
+        if size <= whole:
+            for block in iter(lambda: handle.read(chunk), b""):
+                digest.update(block)
         else:
-            digest.update(handle.read(chunk))
-            handle.seek(size - chunk)
-            digest.update(handle.read(chunk))
+            for i in range(samples):
+                handle.seek((size - chunk) * i // (samples - 1))
+                digest.update(handle.read(chunk))
     return digest.hexdigest()[:16]
 
 
 def fingerprint(spec: str | Path | None) -> str | None:
     """A short content fingerprint of a local file or folder (``None`` stays ``None``; a Hub id is itself).
 
-    Folders hash every file's relative path, size, first and last MiB, so a changed weight file
-    changes the fingerprint; results cached under the old one are never reused for it.
+    Folders hash every file's relative path and content (:func:`_file_digest`), so a changed weight
+    file changes the fingerprint; results cached under the old one are never reused for it.
     """
     import hashlib
 

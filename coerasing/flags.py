@@ -47,18 +47,20 @@ def flag(
     resume: bool = False,
     positional: bool = False,
     output: bool = False,
+    path: bool = False,
     metavar: str | None = None,
 ) -> Any:
     """A dataclass field that is also a command-line flag ``--<name>``.
 
     ``min``/``max`` bound numbers (``exclusive_min`` makes ``min`` strict, e.g. a positive lr);
     ``resume=True`` marks a setting that must not change when a run is resumed; ``output=True`` a
-    folder the command writes to (checked up front: creatable, writable, not a file).
+    folder the command writes to (checked up front: creatable, writable, not a file); ``path=True``
+    an input location, compared as a resolved absolute path in the ``--resume`` fingerprint.
     """
     metadata = {
         "help": help, "group": group, "choices": tuple(choices) if choices is not None else None,
         "min": min, "max": max, "exclusive_min": exclusive_min, "resume": resume,
-        "positional": positional, "output": output, "metavar": metavar,
+        "positional": positional, "output": output, "path": path, "metavar": metavar,
     }
     return field(default=default, metadata=metadata)
 
@@ -191,9 +193,24 @@ def check_fields(config: Any) -> None:
             raise CoErasingError(f"{name} must be at most {high}, got {value}.")
 
 
+def resolved_path(value: str | None) -> str | None:
+    """An existing local path as an absolute resolved path; anything else (a Hub id, ``None``) unchanged."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
+
+
 def resume_settings(config: Any) -> dict[str, Any]:
-    """The settings that must match between an interrupted run and its ``--resume`` (``resume=True``)."""
-    return {f.name: getattr(config, f.name) for f in flag_fields(type(config)) if f.metadata["resume"]}
+    """The settings that must match between an interrupted run and its ``--resume`` (``resume=True``).
+
+    Input locations (``path=True``) are compared as resolved paths, so ``./models/sd`` and
+    ``/home/me/models/sd`` are the same model and a moved model is a different one.
+    """
+    return {
+        f.name: resolved_path(getattr(config, f.name)) if f.metadata["path"] else getattr(config, f.name)
+        for f in flag_fields(type(config)) if f.metadata["resume"]
+    }
 
 
 # ----------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from .choices import SCHEDULERS
 from .errors import CoErasingError
 from .files import atomic_write, atomic_write_json, atomic_write_text, remove_stale_temps
+from .formats import load_unet_checkpoint_into
 from .images import open_rgb_strict
 from .models import _from_pretrained, check_mixed_precision, parse_device, resolve_dtype
 
@@ -136,25 +137,17 @@ def load_generation_pipeline(ckpt_path: str, device: torch.device, dtype: torch.
     return pipe.to(device)
 
 
-def load_runtime(
-    ckpt_path: str, artifact: str | Path | None, device: torch.device, dtype: torch.dtype,
-    scheduler: str = "default", flag: str = "--artifact",
-) -> Any:
-    """The base pipeline with an erased artifact applied (:func:`coerasing.methods.apply_artifact`)."""
-    from .methods import apply_artifact
-
-    pipe = load_generation_pipeline(ckpt_path, device, dtype, scheduler)
-    runtime = apply_artifact(pipe, artifact, flag)
-    if artifact is not None:
-        print(f"erased model {artifact}: {getattr(runtime, 'format', runtime.describe()['method'])}")
-    return runtime
-
-
 def load_eval_pipeline(
     ckpt_path: str, unet: str | None, device: torch.device, dtype: torch.dtype, scheduler: str = "default"
 ) -> Any:
-    """The base SD pipeline with an erased UNet checkpoint (any format) loaded strictly, if given."""
-    return load_runtime(ckpt_path, unet, device, dtype, scheduler, flag="--unet").pipe
+    """The base SD pipeline with an erased UNet checkpoint (any format) loaded strictly, if given.
+
+    (Any method's artifact, add-ons included: :func:`coerasing.methods.load_runtime`.)
+    """
+    pipe = load_generation_pipeline(ckpt_path, device, dtype, scheduler)
+    if unet:
+        print(f"erased UNet {unet}: {load_unet_checkpoint_into(pipe.unet, unet, '--unet')}")
+    return pipe
 
 
 def default_size(pipe: Any) -> int:
@@ -323,13 +316,12 @@ def generate_images(
 ) -> Path:
     """Generate ``<case>.png`` for every row into ``folder`` (sharded, batched, resumable; see module doc).
 
-    ``load_pipe(device, dtype)`` builds the pipeline or :class:`~coerasing.methods.Runtime`; it is
+    ``load_pipe(device, dtype)`` builds the pipeline or a runtime (:func:`coerasing.methods.load_runtime`); it is
     only called when this process has images left to make. ``fingerprint`` (model, artifact, …) is
     compared with the folder's record so that images made otherwise are never reused.
     ``write_manifest_files=False`` leaves the manifest and ``run.json`` alone.
     """
     from .checkpoints import write_run_json
-    from .methods import Runtime
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -353,13 +345,15 @@ def generate_images(
     if todo:
         run_device = parse_device(device) if device or state.num_processes == 1 else state.device
         check_mixed_precision(mixed_precision, (run_device,))
-        runtime = load_pipe(run_device, resolve_dtype(mixed_precision, run_device))
-        runtime = runtime if isinstance(runtime, Runtime) else Runtime(runtime)
-        size = default_size(runtime.pipe)
+        loaded = load_pipe(run_device, resolve_dtype(mixed_precision, run_device))
+        # a runtime (an eraser applied: coerasing.methods.Runtime) renders itself; a plain pipeline with render()
+        pipe = getattr(loaded, "pipe", loaded)
+        draw = loaded.render if hasattr(loaded, "render") else (lambda *args, **kwargs: render(pipe, *args, **kwargs))
+        size = default_size(pipe)
         for batch in tqdm(todo, desc=desc, unit="batch", disable=len(todo) < 2):
             guidance, height, width = row_call_settings(batch[0], settings, size)
-            images = runtime.render([row.seed for row in batch], guidance, height, width,
-                                    settings.num_inference_steps, prompts=[row.prompt for row in batch])
+            images = draw([row.seed for row in batch], guidance, height, width, settings.num_inference_steps,
+                          prompts=[row.prompt for row in batch])
             for row, image in zip(batch, images, strict=True):
                 save_png(image, folder / row.file)
     state.wait_for_everyone()

@@ -2,7 +2,7 @@
 
 Preprocessing is transformers' CLIP image processor (resize the short side, centre crop to the
 encoder's resolution, CLIP mean/std), as IP-Adapter was trained with; the released code
-normalised with mean 0.5 / std 0.5 instead.
+normalised with mean 0.5 / std 0.5 instead (docs/method.md §10 (d)).
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def load_images(files: list[Path], flag: str = "--image") -> tuple[list[Path], l
 
 @torch.no_grad()
 def encode_images(image_encoder, images: list[Image.Image], batch_size: int = 16) -> torch.Tensor:
-    """``e = E_img(x)``: projected CLIP image embeddings ``[N, E]`` (METHOD.md §5 step 1)."""
+    """``e = E_img(x)``: projected CLIP image embeddings ``[N, E]`` (docs/method.md §5 step 1)."""
     processor = clip_image_processor(image_encoder.config.image_size)
     device, dtype = image_encoder.device, image_encoder.dtype
     embeds = []

@@ -1,16 +1,17 @@
-"""IP-Adapter wiring through diffusers' own loader and attention processors (METHOD.md §5 setup).
+"""IP-Adapter wiring through diffusers' own loader and attention processors (docs/method.md §5 setup, Eq. 8).
 
 The h94 IP-Adapter adds an image projection ``P`` (Linear 1024 → 4×768, LayerNorm) and, in every
 cross-attention layer, a decoupled image branch (``to_k_ip``/``to_v_ip``). diffusers installs both
 with ``UNet2DConditionModel._load_ip_adapter_weights``; this module then
 
-- takes ``P`` off the UNet (so refined tokens can be fed in directly, §5 step 2), and
+- takes ``P`` off the UNet (so refined tokens can be fed in directly, docs/method.md Eq. 5), and
 - keeps two sets of attention processors: the plain ones, installed by default, and diffusers'
   ``IPAdapterAttnProcessor2_0`` ones, installed only inside :meth:`IPAdapterHandle.image_branch`.
 
 So a text-only call is *exactly* the plain UNet (the released code instead routed the last four
-text tokens through the image branch), and the UNet's ``state_dict()`` outside the context has no
-IP-Adapter key (the released code saved ``to_v_ip`` keys into its checkpoints).
+text tokens through the image branch; docs/method.md §10 (b)), and the UNet's ``state_dict()``
+outside the context has no IP-Adapter key (the released code saved ``to_v_ip`` keys into its
+checkpoints; §10 (c)).
 """
 
 from __future__ import annotations
@@ -113,12 +114,12 @@ class IPAdapterHandle:
         return next(self.image_proj.parameters()).device
 
     def project(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """``tokens = P(e)``: ``[B, E]`` image embeddings → ``[B, num_tokens, d]`` (§5 step 1)."""
+        """``tokens = P(e)``: ``[B, E]`` image embeddings → ``[B, num_tokens, d]`` (docs/method.md §5 step 1)."""
         return self.image_proj(image_embeds.to(self.device))
 
     @contextlib.contextmanager
     def image_branch(self) -> Iterator[None]:
-        """Install the IP-Adapter processors for the calls inside; restore the plain ones after."""
+        """Install the IP-Adapter processors (docs/method.md Eq. 8) for the calls inside; restore the plain ones."""
         self.unet.set_attn_processor(dict(self.image_processors))
         try:
             yield
@@ -168,7 +169,8 @@ def unet_noise_pred(
     """``ε(z, t, c)`` for text-only calls, ``ε(z, t, c ⊕ c_img)`` when ``image_tokens`` are given.
 
     With image tokens, the UNet gets ``encoder_hidden_states = (text, [tokens])``, diffusers'
-    decoupled cross-attention input, with the image branch installed for this call only.
+    decoupled cross-attention input (docs/method.md Eq. 8, λ = 1), with the image branch installed for
+    this call only. A text-only call is the plain UNet.
     """
     if image_tokens is None:
         return unet(latents, timestep, encoder_hidden_states=text_states).sample

@@ -1,10 +1,10 @@
 """The paper's equations on predictions and conditionings, one small function each.
 
-- :func:`negative_guidance_target`: the ESD / Co-Erasing regression target (METHOD.md §4 step 5,
-  §5 step 7).
-- :func:`refine_image_tokens`: text-guided image concept refinement (§5 step 2).
-- :func:`perturb_image_tokens`: optional uniform noise on the image tokens (§5 step 3).
-- :func:`blur_latents`: optional Gaussian blur of the partially denoised latent (§5 step 5).
+- :func:`negative_guidance_target`: the ESD / Co-Erasing regression target (docs/method.md Eq. 3).
+- :func:`erasing_loss`: the MSE between the trained prediction and that target (Eq. 4).
+- :func:`refine_image_tokens`: text-guided image concept refinement (Eq. 5).
+- :func:`perturb_image_tokens`: optional uniform noise on the image tokens (Eq. 6).
+- :func:`blur_latents`: optional Gaussian blur of the partially denoised latent (Eq. 7).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 def negative_guidance_target(
     noise_pred_uncond: torch.Tensor, noise_pred_cond: torch.Tensor, negative_guidance: float
 ) -> torch.Tensor:
-    """``target = ε_u − η · (ε_c − ε_u)`` (§4 step 5, §5 step 7).
+    """``target = ε_u − η · (ε_c − ε_u)`` (docs/method.md Eq. 3; §4 step 5, §5 step 7).
 
     The trainable model is pushed to predict, for the concept's conditioning, the frozen
     model's unconditional prediction moved *away* from the concept by ``η``.
@@ -27,12 +27,12 @@ def negative_guidance_target(
 
 
 def erasing_loss(noise_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``MSE(ε_θ(z, t, c), target)`` (§4 step 5), computed in fp32."""
+    """``MSE(ε_θ(z, t, c), target)`` (docs/method.md Eq. 4), computed in fp32."""
     return F.mse_loss(noise_pred.float(), target.float())
 
 
 def refine_image_tokens(image_tokens: torch.Tensor, text_states: torch.Tensor) -> torch.Tensor:
-    """``c_img = softmax(tokens · Yᵀ / √d) · Y`` (§5 step 2).
+    """``c_img = softmax(tokens · Yᵀ / √d) · Y`` (docs/method.md Eq. 5).
 
     Each of the image tokens ``[B, N, d]`` becomes a mixture of the concept's text states
     ``Y [B or 1, L, d]``, weighted by how strongly the token attends to them, so only the
@@ -46,7 +46,7 @@ def refine_image_tokens(image_tokens: torch.Tensor, text_states: torch.Tensor) -
 def perturb_image_tokens(
     image_tokens: torch.Tensor, noise_factor: float, generator: torch.Generator
 ) -> torch.Tensor:
-    """``c_img + f · U[0, 1)`` (§5 step 3, the released code's semantics); identity for f = 0."""
+    """``c_img + f · U[0, 1)`` (docs/method.md Eq. 6, the released code's semantics); identity for f = 0."""
     if noise_factor == 0:
         return image_tokens
     noise = torch.rand(image_tokens.shape, generator=generator, dtype=torch.float32)
@@ -54,12 +54,12 @@ def perturb_image_tokens(
 
 
 def gaussian_sigma(kernel_size: int) -> float:
-    """``σ = 0.3 · ((K − 1)/2 − 1) + 0.8``, the usual default for a kernel of size K (§5 step 5)."""
+    """``σ = 0.3 · ((K − 1)/2 − 1) + 0.8``, the usual default for a kernel of size K (docs/method.md Eq. 7)."""
     return 0.3 * ((kernel_size - 1) * 0.5 - 1) + 0.8
 
 
 def gaussian_kernel1d(kernel_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A normalised 1-D Gaussian of odd size ``K`` with :func:`gaussian_sigma`."""
+    """A normalised 1-D Gaussian of odd size ``K`` with :func:`gaussian_sigma` (docs/method.md Eq. 7)."""
     half = (kernel_size - 1) / 2
     x = torch.linspace(-half, half, kernel_size, dtype=torch.float64)
     kernel = torch.exp(-0.5 * (x / gaussian_sigma(kernel_size)) ** 2)
@@ -67,7 +67,7 @@ def gaussian_kernel1d(kernel_size: int, dtype: torch.dtype = torch.float32) -> t
 
 
 def blur_latents(latents: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Gaussian blur of ``[B, C, H, W]`` latents, per channel, reflect padding (§5 step 5).
+    """Gaussian blur of ``[B, C, H, W]`` latents, per channel, reflect padding (docs/method.md Eq. 7).
 
     ``kernel_size`` is odd; 0 turns the blur off. The 2-D kernel is separable, so the blur is two
     depthwise 1-D convolutions.

@@ -1,4 +1,4 @@
-"""``--train_method``: which UNet parameters erasing trains (METHOD.md §6).
+"""``--train_method``: which UNet parameters erasing trains (docs/method.md §6).
 
 The names come from ESD and refer to the original CompVis UNet; here they are mapped onto
 diffusers' parameter names (``down_blocks``/``mid_block``/``up_blocks``, ``attn1`` = self-attention,
@@ -60,7 +60,7 @@ TRAIN_METHODS: dict[str, Callable[[str], bool]] = {
 
 
 def check_train_method(train_method: str) -> None:
-    """Raise a clear error for a ``--train_method`` that is not in the table of §6."""
+    """Raise a clear error for a ``--train_method`` that is not in the table of docs/method.md §6."""
     if train_method not in TRAIN_METHODS:
         raise CoErasingError(
             f"--train_method {train_method!r} is not known. Choose one of "

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import GenerateConfig
-from .generation import GenerationSettings, ImageRow, generate_images, load_runtime
+from .generation import GenerationSettings, ImageRow, generate_images, load_generation_pipeline
 
 
 def image_name(label_folder: str, index: int) -> str:
@@ -35,7 +35,7 @@ def generate_reference_images(config: GenerateConfig) -> Path:
                                   batch_size=config.batch_size)
     folder = generate_images(
         reference_rows(config), config.folder, settings,
-        lambda device, dtype: load_runtime(config.ckpt_path, None, device, dtype),
+        lambda device, dtype: load_generation_pipeline(config.ckpt_path, device, dtype),
         device=config.device, mixed_precision=config.mixed_precision,
         run_info={"config": vars(config), "prompt": config.prompt}, desc=f"generating {config.folder.name}",
         fingerprint={"model": config.ckpt_path}, manifest="metadata.csv", manifest_columns=("file", "prompt", "seed"),

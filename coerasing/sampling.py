@@ -1,10 +1,10 @@
-"""Partial denoising to a sampled noise bucket (METHOD.md §4 steps 2-3).
+"""Partial denoising to a sampled noise bucket (docs/method.md §4 steps 2-3, Eq. 1-2).
 
 ESD-style erasing trains at the noise level the *erased model itself* reaches when it samples the
 concept: draw a bucket ``k`` of the ``S``-step schedule, walk a sampler from pure noise down to the
 bucket's noise level (highest noise first), and train there at a DDPM timestep inside the bucket.
-The released Co-Erasing code walked the timesteps in ascending order; here the walk is a real
-reverse-diffusion trajectory (tested statistically in ``tests/test_sampling.py``).
+The released Co-Erasing code walked the timesteps in ascending order (docs/method.md §10 (a)); here
+the walk is a real reverse-diffusion trajectory (tested statistically in ``tests/test_sampling.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ NoisePredFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def make_sampling_scheduler(
     scheduler_config: dict, sampler: str, num_inference_steps: int
 ) -> DDPMScheduler | DDIMScheduler:
-    """Build the sampler of §4 step 3 from the model's scheduler config.
+    """Build the ``Step`` of docs/method.md Eq. 2 (§4 step 3) from the model's scheduler config.
 
     Both samplers use SD's schedule with "leading" spacing and offset 1, so for ``S = 50`` the
     timesteps are ``981, 961, ..., 1``. ``ddpm`` takes ancestral steps (the released code's
@@ -42,9 +42,10 @@ def make_sampling_scheduler(
 def sample_bucket(
     num_inference_steps: int, num_train_timesteps: int, generator: torch.Generator
 ) -> tuple[int, int]:
-    """Draw a step index ``k`` uniformly and a DDPM timestep ``t`` in its bucket (§4 step 2).
+    """Draw a step index ``k`` uniformly and a DDPM timestep ``t`` in its bucket (docs/method.md Eq. 1).
 
-    ``t`` is uniform over the integers in ``[k·T/S, (k+1)·T/S)``.
+    ``t`` is uniform over the integers ``round(k·T/S), …, round((k+1)·T/S) − 1`` (Python's ``round``),
+    with at least one timestep per bucket.
     """
     k = int(torch.randint(num_inference_steps, (1,), generator=generator))
     low = round(k * num_train_timesteps / num_inference_steps)
@@ -54,7 +55,7 @@ def sample_bucket(
 
 
 def bucket_timestep(scheduler: DDPMScheduler | DDIMScheduler, k: int) -> int:
-    """The sampler timestep whose noise level belongs to bucket ``k``: ``τ_{S-1-k}``.
+    """The sampler timestep whose noise level belongs to bucket ``k``: ``τ_{S-1-k}`` (docs/method.md Eq. 2).
 
     For ``S = 50`` this is ``20·k + 1``.
     """
@@ -70,7 +71,7 @@ def denoise_to_bucket(
     k: int,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Denoise ``latents`` (pure noise at ``τ_0``) down to the noise level of bucket ``k`` (§4 step 3).
+    """Denoise ``latents`` (pure noise at ``τ_0``) down to the noise level of bucket ``k`` (docs/method.md Eq. 2).
 
     Walks ``τ_0 > τ_1 > … `` and stops at ``τ_{S-1-k}``, i.e. takes ``S-1-k`` sampler steps
     (none for the noisiest bucket). ``noise_pred_fn(latents, timestep)`` returns the model's

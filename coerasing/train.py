@@ -259,9 +259,13 @@ def load_models(config: EraseConfig) -> Models:
 
 
 class Eraser:
-    """Runs ``config.iterations`` erasing steps with checkpoints, logging and resume."""
+    """Runs ``config.iterations`` erasing steps with checkpoints, logging and resume.
 
-    def __init__(self, config: EraseConfig) -> None:
+    ``text`` replaces the model's tokenizer and text encoder (e.g. with learned tokens added, as
+    STEREO's rounds erase a learned word); it must live on the frozen models' device and dtype.
+    """
+
+    def __init__(self, config: EraseConfig, text: TextComponents | None = None) -> None:
         self.config = config.validate()
         self.folder = config.run_folder()
         # Inputs that need no model are checked first, so mistakes fail in seconds.
@@ -288,6 +292,8 @@ class Eraser:
         self.latent_shape = (1, unet_config.in_channels, *size)
         self.num_train_timesteps = self.scheduler.config.num_train_timesteps
 
+        if text is not None:
+            models.text = text
         text = models.text
         self.prompt_states = [text.encode(prompt) for prompt in config.prompts]
         self.uncond_states = text.encode("")
@@ -320,7 +326,7 @@ class Eraser:
         return torch.autocast(self.models.train_device.type, dtype=dtype)
 
     def _sampling_fn(self, text_states: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """ε_θ for the partial trajectory: text only, optional classifier-free guidance (Eq. 1)."""
+        """ε_θ for the partial trajectory: text only, optional classifier-free guidance (Eq. 2)."""
         unet, guidance = self.sampling_unet, self.config.sampling_guidance
         uncond = self.uncond_states.to(text_states.device, text_states.dtype)
 

@@ -20,6 +20,37 @@ def tiny_stack(tmp_path_factory):
     return build_tiny_stack(tmp_path_factory.mktemp("tiny_stack"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread_per_test_process():
+    """One intra-op thread for the whole run: on a small shared CPU, OpenMP threads competing with other
+    processes slow the tiny models down by orders of magnitude, and results then do not depend on the
+    machine's core count. Subprocesses started by tests set OMP_NUM_THREADS=1 themselves."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory) -> Path:
+    """A random 5-class ResNet with a PIL image processor, saved like a Hub model folder."""
+    import torch
+    from transformers import ResNetConfig, ResNetForImageClassification
+    from transformers.models.convnext import ConvNextImageProcessorPil
+
+    folder = tmp_path_factory.mktemp("classifier")
+    labels = {0: "tench", 1: "church", 2: "parachute", 3: "vincent-van-gogh", 4: "other"}
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1], layer_type="basic", num_labels=5,
+                          id2label=labels, label2id={v: k for k, v in labels.items()})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        ResNetForImageClassification(config).save_pretrained(folder)
+    ConvNextImageProcessorPil(size={"shortest_edge": 32}, crop_pct=0.875).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def reference_images(tmp_path_factory) -> Path:
     from coerasing.testing import make_reference_images

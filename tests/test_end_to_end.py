@@ -1,4 +1,4 @@
-"""The seed command lines of METHOD.md §7, run verbatim as subprocesses against the tiny stack.
+"""The seed command lines of docs/method.md §7, run verbatim as subprocesses against the tiny stack.
 
 Only additions are appended (argparse keeps the last value): model paths pointing at the tiny
 stack, small sizes, and ``--devices cpu`` (``--devices 0,1`` needs two GPUs).

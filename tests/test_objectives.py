@@ -1,4 +1,4 @@
-"""The paper's equations (METHOD.md §4 step 5, §5 steps 2, 3, 5)."""
+"""The paper's equations (docs/method.md Eq. 3–7)."""
 
 from __future__ import annotations
 

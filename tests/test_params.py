@@ -1,4 +1,4 @@
-"""``--train_method`` → UNet parameters (METHOD.md §6), on a UNet with SD v1.4's block structure."""
+"""``--train_method`` → UNet parameters (docs/method.md §6), on a UNet with SD v1.4's block structure."""
 
 from __future__ import annotations
 

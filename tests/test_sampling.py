@@ -1,4 +1,4 @@
-"""Partial denoising (METHOD.md §4 steps 2-3), checked against a model whose exact ε is known."""
+"""Partial denoising (docs/method.md Eq. 1–2), checked against a model whose exact ε is known."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Step 2 of the evaluation: does an image show the concept? (METHOD.md §9)
+"""Step 2 of the evaluation: does an image show the concept? (docs/method.md §9)
 
 Every detector follows one small interface, :class:`Detector`: ``detect(images) -> list[Detection]``,
 where a :class:`Detection` says ``positive`` (the concept is shown) and carries the ``labels`` that

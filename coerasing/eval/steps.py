@@ -24,8 +24,9 @@ import torch
 from ..checkpoints import write_run_json
 from ..errors import CoErasingError
 from ..files import atomic_write, fingerprint
-from ..generation import distributed_state, generate_images, load_image, load_runtime
+from ..generation import distributed_state, generate_images, load_image
 from ..grid import image_grid
+from ..methods import load_runtime
 from ..models import check_mixed_precision, load_clip_tokenizer, parse_device, resolve_dtype
 from .attack import AttackModels, attack_row, load_attack_records
 from .config import EvalConfig, config_dict

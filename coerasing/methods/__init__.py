@@ -62,7 +62,19 @@ def apply_artifact(pipe: Any, path: Any, flag: str = "--artifact") -> Runtime:
     return get_method(artifact.method).apply(artifact, pipe)
 
 
+def load_runtime(
+    ckpt_path: str, artifact: Any, device: Any, dtype: Any, scheduler: str = "default", flag: str = "--artifact"
+) -> Runtime:
+    """The base pipeline of ``ckpt_path`` (safety checker off) with ``artifact`` applied (``None``: the base)."""
+    from ..generation import load_generation_pipeline
+
+    runtime = apply_artifact(load_generation_pipeline(ckpt_path, device, dtype, scheduler), artifact, flag)
+    if artifact is not None:
+        print(f"erased model {artifact}: {getattr(runtime, 'format', runtime.describe()['method'])}")
+    return runtime
+
+
 __all__ = [
-    "ARTIFACT_FILE", "Artifact", "Method", "Runtime", "UNetRuntime", "apply_artifact", "get_method",
+    "ARTIFACT_FILE", "Artifact", "Method", "Runtime", "UNetRuntime", "apply_artifact", "get_method", "load_runtime",
     "method_names", "read_artifact", "register_method_module", "write_artifact",
 ]

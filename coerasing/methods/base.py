@@ -16,10 +16,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
@@ -92,11 +92,14 @@ class Runtime:
         num_inference_steps: int,
         prompts: Sequence[str] | None = None,
         prompt_embeds: torch.Tensor | None = None,
-    ) -> list[Image.Image]:
-        """One image per seed from ``prompts`` (or ready text states ``[B, 77, d]``)."""
+        output_type: str = "pil",
+    ) -> list[Image.Image] | Any:
+        """One image per seed from ``prompts`` (or ready text states ``[B, 77, d]``); ``output_type="np"``
+        gives ``[B, H, W, 3]`` uint8."""
         from ..generation import render
 
-        return render(self.pipe, seeds, guidance, height, width, num_inference_steps, prompts, prompt_embeds)
+        return render(self.pipe, seeds, guidance, height, width, num_inference_steps, prompts, prompt_embeds,
+                      output_type)
 
     def noise_pred(self, latents: torch.Tensor, timestep: torch.Tensor, text_states: torch.Tensor) -> torch.Tensor:
         """The erased model's ε(z_t, t, c) (what the white-box attack differentiates)."""
@@ -123,6 +126,42 @@ class UNetRuntime(Runtime):
         self.pipe.unet.load_state_dict(self._base, strict=True)
 
 
+@dataclass(frozen=True)
+class CurvePoint:
+    """One checkpoint on a method's trade-off curve: its label, how far along the curve it is, its artifact.
+
+    ``strength`` orders the points: training iterations (all stages counted), stages, or an
+    inference-time strength such as GIE's ``|w|``.
+    """
+
+    label: str
+    strength: float
+    artifact: Path
+
+
+class TraceContext(Protocol):
+    """What a method needs to trace its curve for one concept and training seed (see :mod:`coerasing.compare`)."""
+
+    concept: str
+    seed: int
+    device: str
+
+    def preset(self, name: str) -> dict[str, Any]:
+        """The settings block ``name`` of the comparison's presets for this concept (e.g. ``stage1``)."""
+
+    def world(self) -> dict[str, str]:
+        """``ckpt_path``, ``ip_adapter`` and ``image_encoder_path`` of the base model."""
+
+    def references(self) -> Path:
+        """The folder of the concept's reference images (made once by the base model, shared by methods)."""
+
+    def run_folder(self, kind: str, settings: dict[str, Any]) -> Path:
+        """A cache folder for a training run keyed by ``kind`` and every setting (a changed setting is a new folder)."""
+
+    def once(self, folder: Path, request: dict[str, Any], work: Callable[[], None]) -> None:
+        """Call ``work`` unless ``folder`` records that ``request`` was already completed."""
+
+
 class Method:
     """A named eraser. Subclasses set ``name`` and ``summary`` and implement :meth:`apply`."""
 
@@ -136,6 +175,10 @@ class Method:
     def train(self, config: Any) -> Path:
         """Train with ``config`` (an instance of :attr:`config_class`); returns the final artifact's path."""
         raise CoErasingError(f"the method {self.name!r} has no training of its own.")
+
+    def trace(self, context: TraceContext) -> list[CurvePoint]:
+        """Train (cached) and return the checkpoints of this method's curve, weakest first."""
+        raise CoErasingError(f"the method {self.name!r} cannot be traced in a comparison.")
 
     def apply(self, artifact: Artifact, pipe: Any) -> Runtime:
         """The pipeline with ``artifact`` applied (default: load a UNet checkpoint)."""

@@ -3,21 +3,84 @@
 All five train the UNet with the one loop of :mod:`coerasing.train` and produce a plain UNet
 state dict (``unet.pth``); they differ only in which stages run and how:
 
-| method | stages |
-|---|---|
-| ``esd`` | stage 1 (text erasing, docs/method.md §4) |
-| ``coerasing`` | stage 1, then stage 2 from its weights with images refined by the concept text (§5) |
-| ``no-refinement`` | stage 1, then stage 2 without ``--text_guide`` |
-| ``image-only`` | stage 2 from the base model (no stage 1) |
-| ``esd-equal-compute`` | stage 1 run as long as stage 1 + stage 2 together |
+- ``esd``: stage 1 (text erasing, docs/method.md §4); curve: stage 1's periodic checkpoints.
+- ``coerasing``: stage 1, then stage 2 from its final weights with images refined by the concept
+  text (§5); curve: stage 1's end, then stage 2's checkpoints.
+- ``no-refinement``: as ``coerasing``, stage 2 without ``--text_guide``.
+- ``image-only``: stage 2 from the base model (no stage 1); curve: stage 2's checkpoints.
+- ``esd-equal-compute``: stage 1 run as long as stages 1 + 2 together; curve: its checkpoints.
+
+A run is cached by every setting except its length, and a longer request resumes it: stage 1 of
+``esd``, ``coerasing``, ``no-refinement`` and ``esd-equal-compute`` is one training run (``--resume``
+is bit-identical to an uninterrupted run, so sharing it changes no weight).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from ..config import EraseConfig
-from .base import Method
+from ..files import atomic_write_json
+from .base import CurvePoint, Method, TraceContext
+
+PROGRESS = "progress.json"
+
+
+def checkpoints(iterations: int, every: int) -> list[int]:
+    """The iterations with a periodic checkpoint: every ``every`` and the last one."""
+    return sorted({*range(every, iterations + 1, every), iterations})
+
+
+def train_run(context: TraceContext, kind: str, settings: dict[str, Any]) -> Path:
+    """Train ``settings`` (an :class:`EraseConfig` as a dict) into its cache folder, or extend it.
+
+    The folder is keyed by every setting but ``iterations``; ``progress.json`` records how far it
+    got, so a request for fewer iterations reuses it and a request for more resumes it.
+    """
+    from ..train import erase
+
+    key = {k: v for k, v in settings.items() if k != "iterations"}
+    folder = context.run_folder(kind, key)
+    progress = folder / PROGRESS
+    reached = json.loads(progress.read_text())["iterations"] if progress.exists() else 0
+    if reached >= settings["iterations"]:
+        return folder
+    resume = (folder / "train_state.pt").exists()
+    config = EraseConfig(**settings, save_path=str(folder), devices=context.device, resume=resume,
+                         overwrite=not resume)
+    erase(config)
+    atomic_write_json(progress, {"iterations": settings["iterations"]})
+    return folder
+
+
+def stage1_settings(context: TraceContext, iterations: int | None = None) -> dict[str, Any]:
+    """Stage 1 (text erasing) of the concept with the preset's settings and the context's seed."""
+    preset = dict(context.preset("stage1"))
+    world = context.world()
+    preset.setdefault("prompt", context.concept)
+    if iterations is not None:
+        preset["iterations"] = iterations
+    return {**preset, "modality": "text", "ckpt_path": world["ckpt_path"], "seed": context.seed}
+
+
+def stage2_settings(context: TraceContext, start: Path | None, refine: bool) -> dict[str, Any]:
+    """Stage 2 (image erasing) from ``start`` (``None``: the base model); ``refine`` adds ``--text_guide``."""
+    preset = dict(context.preset("stage2"))
+    world = context.world()
+    preset.setdefault("prompt", context.concept)
+    guide = preset.pop("text_guide", None) or preset["prompt"]
+    return {
+        **preset, "modality": "image", "ckpt_path": world["ckpt_path"], "ip_adapter": world["ip_adapter"],
+        "image_encoder_path": world["image_encoder_path"], "image": str(context.references()),
+        "unet_ckpt_path": str(start) if start is not None else None, "text_guide": guide if refine else None,
+        "seed": context.seed,
+    }
+
+
+def _points(folder: Path, iterations: list[int], offset: int = 0) -> list[CurvePoint]:
+    return [CurvePoint(f"it{offset + i}", float(offset + i), folder / f"unet_{i}.pth") for i in iterations]
 
 
 class _EraseMethod(Method):
@@ -28,30 +91,66 @@ class _EraseMethod(Method):
 
         return erase(config)
 
+    @staticmethod
+    def _stage1(context: TraceContext, extra: int = 0) -> tuple[Path, int, int]:
+        """The shared stage-1 run, trained to its preset length plus ``extra`` iterations."""
+        settings = stage1_settings(context)
+        length = settings["iterations"]
+        folder = train_run(context, "stage1", {**settings, "iterations": length + extra})
+        return folder, length, settings["save_iter"]
+
+    def _two_stage(self, context: TraceContext, refine: bool) -> list[CurvePoint]:
+        stage1, length, _ = self._stage1(context)
+        start = stage1 / f"unet_{length}.pth"
+        settings = stage2_settings(context, start, refine)
+        folder = train_run(context, "stage2", settings)
+        return [CurvePoint(f"it{length}", float(length), start),
+                *_points(folder, checkpoints(settings["iterations"], settings["save_iter"]), offset=length)]
+
 
 class ESD(_EraseMethod):
     name = "esd"
     summary = "ESD: text erasing with negative guidance (Co-Erasing's stage 1)."
+
+    def trace(self, context: TraceContext) -> list[CurvePoint]:
+        folder, length, every = self._stage1(context)
+        return _points(folder, checkpoints(length, every))
 
 
 class CoErasing(_EraseMethod):
     name = "coerasing"
     summary = "Co-Erasing: stage 1 text erasing (ESD), stage 2 image erasing with text-guided refinement."
 
+    def trace(self, context: TraceContext) -> list[CurvePoint]:
+        return self._two_stage(context, refine=True)
+
 
 class NoRefinement(_EraseMethod):
     name = "no-refinement"
     summary = "Co-Erasing ablation: stage 2 without the text-guided refinement of the image tokens."
+
+    def trace(self, context: TraceContext) -> list[CurvePoint]:
+        return self._two_stage(context, refine=False)
 
 
 class ImageOnly(_EraseMethod):
     name = "image-only"
     summary = "Co-Erasing ablation: stage 2 only, from the base model."
 
+    def trace(self, context: TraceContext) -> list[CurvePoint]:
+        settings = stage2_settings(context, None, refine=True)
+        folder = train_run(context, "stage2", settings)
+        return _points(folder, checkpoints(settings["iterations"], settings["save_iter"]))
+
 
 class ESDEqualCompute(_EraseMethod):
     name = "esd-equal-compute"
     summary = "ESD given as many iterations as Co-Erasing's two stages together."
+
+    def trace(self, context: TraceContext) -> list[CurvePoint]:
+        extra = int(context.preset("stage2")["iterations"])
+        folder, length, every = self._stage1(context, extra)
+        return _points(folder, checkpoints(length + extra, every))
 
 
 METHODS: dict[str, type[Method]] = {

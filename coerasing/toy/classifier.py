@@ -91,12 +91,27 @@ class ToyClassifier(nn.Module):
     @torch.no_grad()
     def predict(self, images: Sequence[Image.Image] | np.ndarray, batch_size: int = 256) -> list[dict[str, str]]:
         """Labels ``{"shape", "colour", "background"}`` of PIL images or a ``[N, H, W, 3]`` uint8 array."""
+        return self.predict_with_features(images, batch_size)[0]
+
+    @torch.no_grad()
+    def predict_with_features(
+        self, images: Sequence[Image.Image] | np.ndarray, batch_size: int = 256
+    ) -> tuple[list[dict[str, str]], np.ndarray]:
+        """Labels (as :meth:`predict`) and the pooled features ``[N, 4·width]`` the heads read.
+
+        The features are the toy world's Inception features: the comparison's Fréchet distance is
+        computed in this space.
+        """
         array = images_to_array(images, int(self.config["resolution"]))
         device = next(self.parameters()).device
         out: list[dict[str, str]] = []
+        features = []
         for start in range(0, len(array), batch_size):
             x = uint8_to_tensor(array[start : start + batch_size]).to(device)
-            shape, colour, background = (logits.argmax(1).tolist() for logits in self(x))
+            h = self.features(x)
+            features.append(h.cpu().numpy().astype(np.float64))
+            heads = (self.shape_head(h), self.colour_head(h), self.background_head(h))
+            shape, colour, background = (logits.argmax(1).tolist() for logits in heads)
             for s, c, b in zip(shape, colour, background, strict=True):
                 out.append(
                     {
@@ -105,7 +120,8 @@ class ToyClassifier(nn.Module):
                         "background": list(BACKGROUNDS)[b],
                     }
                 )
-        return out
+        width = 4 * int(self.config["width"])
+        return out, np.concatenate(features) if features else np.zeros((0, width))
 
 
 def images_to_array(images: Sequence[Image.Image] | np.ndarray, resolution: int) -> np.ndarray:

@@ -39,24 +39,6 @@ def rows_csv(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_classifier(tmp_path_factory) -> Path:
-    """A random 5-class ResNet with a PIL image processor, saved like a Hub model folder."""
-    import torch
-    from transformers import ResNetConfig, ResNetForImageClassification
-    from transformers.models.convnext import ConvNextImageProcessorPil
-
-    folder = tmp_path_factory.mktemp("classifier")
-    labels = {0: "tench", 1: "church", 2: "parachute", 3: "vincent-van-gogh", 4: "other"}
-    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1], layer_type="basic", num_labels=5,
-                          id2label=labels, label2id={v: k for k, v in labels.items()})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        ResNetForImageClassification(config).save_pretrained(folder)
-    ConvNextImageProcessorPil(size={"shortest_edge": 32}, crop_pct=0.875).save_pretrained(folder)
-    return folder
-
-
 class ScriptedDetector:
     """A plug-in detector for tests: negative until its ``positive_from``-th image, positive from then on."""
 

@@ -1,0 +1,114 @@
+"""``compare.py``'s flags (each declared once) and the presets file they point to."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import CoErasingError
+from ..flags import check_fields, check_output_fields, flag
+from ..toy import TOY_MODEL_DIR
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+#: Methods compared by default (every method with a trace).
+DEFAULT_METHODS = "esd,coerasing,no-refinement,image-only,esd-equal-compute"
+WHAT, MODEL, RUN, REAL = "what to compare", "model", "running", "real Stable Diffusion (--ckpt_path)"
+
+
+@dataclass
+class CompareConfig:
+    """Everything one ``compare.py`` run depends on."""
+
+    concepts: str | None = flag(None, group=WHAT, help="comma-separated concepts (default: the five toy shapes; "
+                                "with --ckpt_path: nudity,vangogh,church,…)")
+    methods: str | None = flag(None, group=WHAT, help=f"comma-separated methods (default: {DEFAULT_METHODS})")
+    seeds: str | None = flag(None, group=WHAT, help="comma-separated training seeds (default: 0,1,2)")
+    output_dir: str = flag("outputs/compare", group=WHAT, output=True,
+                           help="results, plots, grids and the cache of every trained and evaluated cell")
+    quick: bool = flag(False, group=WHAT, help="a small run of the whole path: one concept, two methods, two "
+                       "checkpoints each, a short attack (the presets' 'quick' block)")
+    presets: str | None = flag(None, group=WHAT, help="YAML of method and evaluation settings (default: "
+                               "configs/compare/toy.yaml; with --ckpt_path configs/compare/sd.yaml)")
+    skip_attack: bool = flag(False, group=WHAT, help="no attack at the chosen operating points")
+    ckpt_path: str | None = flag(None, group=MODEL, help="base model (default: the shipped toy world); a Stable "
+                                 "Diffusion folder or Hub id switches to the real protocol (evaluate.py's prompt "
+                                 "sets, detectors and attack)")
+    ip_adapter: str | None = flag(None, group=MODEL, help="IP-Adapter weights (default: the toy world's, or h94's)")
+    image_encoder_path: str | None = flag(None, group=MODEL, help="IP-Adapter image encoder (default: as above)")
+    device: str | None = flag(None, group=RUN, help="device of every process (default: cuda:<local rank> if "
+                              "present, else cpu)")
+    threads: int = flag(1, group=RUN, min=1, max=256, help="torch threads per process (CPU)")
+    workers: int | None = flag(None, group=RUN, min=1, max=256, help="local worker processes (default: one per "
+                               "CPU core on CPU, one per GPU); accelerate launch / torchrun set their own")
+    shard: str | None = flag(None, group=RUN, help="internal: 'i/n' = this process runs jobs i, i+n, …")
+    classifier: str | None = flag(None, group=REAL, help="image classifier for object/style concepts (evaluate.py's)")
+    nudenet_weights: str | None = flag(None, group=REAL, help="NudeNet 3.0.x best.onnx for nudity (evaluate.py's)")
+    limit: int | None = flag(None, group=REAL, min=1, max=1_000_000,
+                             help="at most N prompts of the concept's set per split (validation, test)")
+    clip_model: str | None = flag(None, group=REAL, help="a CLIP model for the usability score on COCO prompts")
+
+    @property
+    def toy(self) -> bool:
+        """The shipped toy world (no --ckpt_path, or its folder)."""
+        return self.ckpt_path is None or Path(self.ckpt_path).expanduser().resolve() == TOY_MODEL_DIR.resolve()
+
+    def presets_path(self) -> Path:
+        if self.presets:
+            return Path(self.presets).expanduser()
+        return REPO_ROOT / "configs" / "compare" / ("toy.yaml" if self.toy else "sd.yaml")
+
+    def load_presets(self) -> dict[str, Any]:
+        """The presets file with the ``quick`` block applied when ``--quick``."""
+        path = self.presets_path()
+        try:
+            presets = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise CoErasingError(f"--presets {path} cannot be read as YAML ({exc}).") from exc
+        if not isinstance(presets, dict):
+            raise CoErasingError(f"--presets {path} must be a mapping of settings blocks (stage1, stage2, …).")
+        quick = presets.pop("quick", {}) or {}
+        if self.quick:
+            for key, value in quick.items():
+                if isinstance(value, dict):
+                    presets[key] = {**(presets.get(key) or {}), **value}
+                else:
+                    presets[key] = value
+        return copy.deepcopy(presets)
+
+    def lists(self, presets: dict[str, Any]) -> tuple[list[str], list[str], list[int]]:
+        """Concepts, methods and seeds: the flags', else the presets' (``--quick``), else the defaults."""
+        from ..methods import method_names
+
+        def items(value: str | None) -> list[str]:
+            return [item.strip() for item in str(value or "").split(",") if item.strip()]
+
+        default_concepts = "circle,square,triangle,star,cross" if self.toy else "nudity,vangogh,church"
+        concepts = items(self.concepts or presets.get("concepts") or default_concepts)
+        methods = items(self.methods or presets.get("methods") or DEFAULT_METHODS)
+        unknown = [m for m in methods if m not in method_names()]
+        if unknown:
+            raise CoErasingError(f"--methods: unknown method(s) {', '.join(unknown)}; known: "
+                                 f"{', '.join(method_names())}.")
+        try:
+            seeds = [int(s) for s in items(self.seeds or presets.get("seeds") or "0,1,2")]
+        except ValueError:
+            raise CoErasingError(f"--seeds {self.seeds!r} must be comma-separated integers, e.g. 0,1,2.") from None
+        if not concepts or not methods or not seeds or any(s < 0 for s in seeds):
+            raise CoErasingError("--concepts, --methods and --seeds each need at least one value (seeds ≥ 0).")
+        if len(set(seeds)) != len(seeds) or len(set(methods)) != len(methods) or len(set(concepts)) != len(concepts):
+            raise CoErasingError("--concepts, --methods and --seeds must not repeat a value.")
+        return concepts, methods, seeds
+
+    def validate(self) -> CompareConfig:
+        check_fields(self)
+        if self.shard is not None:
+            index, _, count = self.shard.partition("/")
+            if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+                raise CoErasingError(f"--shard {self.shard!r} must be 'i/n' with 0 ≤ i < n.")
+        self.lists(self.load_presets())
+        check_output_fields(self)
+        return self

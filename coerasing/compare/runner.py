@@ -1,0 +1,253 @@
+"""Running a comparison: jobs (concept × training seed), each training and evaluating every method's curve.
+
+One job is one concept and one training seed. It asks every method for its curve
+(:meth:`~coerasing.methods.Method.trace`: training, cached), evaluates the base model and every
+checkpoint on the validation and the test prompts (cached), chooses each method's operating point
+on validation prompts (:mod:`.select`), attacks it on test prompts, and writes
+``jobs/<concept>-seed<s>-<key>.json``. Jobs are spread over processes: ``accelerate launch`` /
+``torchrun`` ranks, or local worker processes that ``compare.py`` starts itself (one per CPU core
+by default, each with one torch thread, so that results do not depend on how the work was split).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..files import atomic_write_json, fingerprint
+from ..images import list_image_files, load_images
+from ..methods import apply_artifact, get_method
+from ..methods.base import CurvePoint, Runtime, read_artifact
+from .benchmarks import concept_label, make_benchmark
+from .cache import Cache, key_of
+from .config import CompareConfig
+from .select import Candidate, choose_operating_point
+
+SPLITS = ("validation", "test")
+
+
+class Context:
+    """What a method's ``trace`` gets for one concept and seed (:class:`~coerasing.methods.base.TraceContext`)."""
+
+    def __init__(self, cache: Cache, benchmark: Any, presets: dict[str, Any], concept: str, seed: int,
+                 device: str) -> None:
+        self.cache, self.benchmark, self.presets = cache, benchmark, presets
+        self.concept, self.seed, self.device = concept, seed, device
+
+    def preset(self, name: str) -> dict[str, Any]:
+        block = dict(self.presets.get(name) or {})
+        if name in ("stage1", "stage2"):
+            block.setdefault("prompt", concept_label(self.presets, self.concept))
+        return block
+
+    def world(self) -> dict[str, str]:
+        return self.benchmark.world()
+
+    def references(self) -> Path:
+        return self.benchmark.references(self.concept, self.cache)
+
+    def run_folder(self, kind: str, settings: dict[str, Any]) -> Path:
+        payload = {"kind": kind, "concept": self.concept, "settings": settings,
+                   "model": self.benchmark.identity()["model"]}
+        return self.cache.folder(f"runs/{kind}", payload)
+
+    def once(self, folder: Path, request: dict[str, Any], work: Callable[[], None]) -> None:
+        self.cache.once(folder, request, work)
+
+
+def artifact_identity(point: CurvePoint | None) -> dict[str, Any]:
+    """What an evaluation of a checkpoint depends on: its method and settings and its files' content."""
+    if point is None:
+        return {"artifact": "base"}
+    artifact = read_artifact(point.artifact)
+    return {"method": artifact.method, "settings": artifact.settings, "content": fingerprint(point.artifact)}
+
+
+def evaluate_point(cache: Cache, benchmark: Any, pipe: Any, concept: str, point: CurvePoint | None,
+                   split: str) -> dict[str, Any]:
+    """The benchmark's metrics of one checkpoint (``None``: the base model) on one split, cached."""
+    payload = {"benchmark": benchmark.identity(), "concept": concept, "split": split, **artifact_identity(point)}
+
+    def compute() -> dict[str, Any]:
+        runtime = apply_artifact(pipe, point.artifact if point else None)
+        try:
+            return benchmark.evaluate(runtime, concept, split)
+        finally:
+            runtime.close()
+
+    return cache.json_entry("evals", payload, compute)
+
+
+def attack_point(cache: Cache, benchmark: Any, pipe: Any, concept: str, point: CurvePoint | None,
+                 test: dict[str, Any], references: Callable[[], dict[str, Any]],
+                 concept_images: Callable[[], list[Any]]) -> dict[str, Any]:
+    """The attacks at one checkpoint, cached: UnlearnDiff on its test prompts (records under
+    ``cache/attacks/<key>/``) and concept inversion from the concept's reference images."""
+    made_by = {"benchmark": benchmark.identity(), "concept": concept, **artifact_identity(point)}
+    payload = {**made_by, **benchmark.attack_identity()}
+
+    def compute() -> dict[str, Any]:
+        base_images = references()  # the base model's images: made before the artifact is applied
+        runtime = apply_artifact(pipe, point.artifact if point else None)
+        try:
+            folder = cache.root / "attacks" / key_of(payload)
+            return {"asr": benchmark.attack(runtime, concept, test, base_images, folder, {"key": key_of(made_by)}),
+                    "inversion": benchmark.concept_inversion(runtime, concept, concept_images())}
+        finally:
+            runtime.close()
+
+    return cache.json_entry("attacks", payload, compute)
+
+
+def _summary(entry: dict[str, Any]) -> dict[str, Any]:
+    return {"metrics": entry["metrics"], "entry": entry["path"]}
+
+
+def run_job(config: CompareConfig, presets: dict[str, Any], concept: str, seed: int, methods: Sequence[str],
+            device: str, progress: tqdm | None = None) -> dict[str, Any]:
+    """One concept and seed, every method (see the module docstring); returns the job's record."""
+    root = Path(config.output_dir)
+    cache = Cache(root)
+    benchmark = make_benchmark(config, presets, device)
+    context = Context(cache, benchmark, presets, concept, seed, device)
+    rule = float((presets.get("rule") or {}).get("max_usability_drop", 0.05))
+    traces: dict[str, list[CurvePoint]] = {}
+    for name in methods:
+        traces[name] = get_method(name).trace(context)
+    pipe = benchmark.pipeline()
+    base = {split: evaluate_point(cache, benchmark, pipe, concept, None, split) for split in SPLITS}
+    references_memo: dict[str, Any] = {}
+
+    def references() -> dict[str, Any]:
+        if "refs" not in references_memo:
+            references_memo["refs"] = benchmark.attack_references(Runtime(pipe), concept)
+        return references_memo["refs"]
+
+    def concept_images() -> list[Any]:
+        if "images" not in references_memo:
+            references_memo["images"] = load_images(list_image_files(context.references()))[1]
+        return references_memo["images"]
+
+    record: dict[str, Any] = {
+        "concept": concept, "seed": seed, "base": {split: _summary(base[split]) for split in SPLITS},
+        "methods": {}, "rule": {"max_usability_drop": rule},
+    }
+    if not config.skip_attack:
+        attacks = attack_point(cache, benchmark, pipe, concept, None, base["test"], references, concept_images)
+        record["base"]["attack"], record["base"]["inversion"] = attacks["asr"], attacks.get("inversion")
+    for name, points in traces.items():
+        evaluated = []
+        for point in points:
+            entries = {split: evaluate_point(cache, benchmark, pipe, concept, point, split) for split in SPLITS}
+            evaluated.append((point, entries))
+        candidates = [Candidate(p.label, p.strength, e["validation"]["metrics"]) for p, e in evaluated]
+        choice = choose_operating_point(candidates, base["validation"]["metrics"], benchmark.erasure,
+                                        benchmark.usability, rule)
+        method_record: dict[str, Any] = {
+            "points": [{"label": p.label, "strength": p.strength, "artifact": str(p.artifact),
+                        **{split: _summary(e[split]) for split in SPLITS}} for p, e in evaluated],
+            "chosen": asdict(choice),
+        }
+        if not config.skip_attack:
+            point, entries = next((p, e) for p, e in evaluated if p.label == choice.label)
+            attacks = attack_point(cache, benchmark, pipe, concept, point, entries["test"], references,
+                                   concept_images)
+            method_record["attack"], method_record["inversion"] = attacks["asr"], attacks.get("inversion")
+        record["methods"][name] = method_record
+        if progress is not None:
+            progress.update(1)
+    return record
+
+
+# ----------------------------------------------------------------------------------------------
+# Spreading jobs over processes
+
+
+def job_key(config: CompareConfig, presets: dict[str, Any], methods: Sequence[str]) -> str:
+    """A key of everything a job's record depends on besides its concept and seed."""
+    benchmark = make_benchmark(config, presets, "cpu")
+    return key_of({"presets": presets, "methods": list(methods), "benchmark": benchmark.identity(),
+                   "attack": not config.skip_attack})
+
+
+def job_path(config: CompareConfig, concept: str, seed: int, key: str) -> Path:
+    return Path(config.output_dir) / "jobs" / f"{concept}-seed{seed}-{key}.json"
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) under ``accelerate launch``/``torchrun`` (their environment), else (0, 1)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def process_device(config: CompareConfig, rank: int) -> str:
+    if config.device:
+        return config.device
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
+    return "cpu"
+
+
+def run_shard(config: CompareConfig, presets: dict[str, Any], jobs: Sequence[tuple[str, int]], key: str,
+              methods: Sequence[str], index: int, count: int) -> None:
+    """Run jobs ``index, index + count, …`` of ``jobs`` in this process."""
+    import diffusers
+    import transformers
+
+    torch.set_num_threads(config.threads)
+    diffusers.utils.logging.disable_progress_bar()  # per-component "Loading weights" bars drown the cell bar
+    transformers.utils.logging.disable_progress_bar()
+    mine = list(jobs)[index::count]
+    device = process_device(config, index)
+    progress = tqdm(total=len(mine) * len(methods), desc=f"cells (process {index + 1}/{count})", unit="cell",
+                    dynamic_ncols=True, position=index)
+    for concept, seed in mine:
+        path = job_path(config, concept, seed, key)
+        if path.exists():
+            progress.update(len(methods))
+            continue
+        record = run_job(config, presets, concept, seed, methods, device, progress)
+        atomic_write_json(path, record)
+    progress.close()
+
+
+def spawn_workers(argv: Sequence[str], count: int, threads: int) -> None:
+    """Start ``count`` local processes of ``compare.py`` (each with ``--shard i/count``) and wait for them."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    script = Path(__file__).resolve().parents[2] / "compare.py"
+    processes = [subprocess.Popen([sys.executable, str(script), *argv, "--shard", f"{i}/{count}"], env=env)
+                 for i in range(count)]
+    codes = [process.wait() for process in processes]
+    failed = [i for i, code in enumerate(codes) if code != 0]
+    if failed:
+        from ..errors import CoErasingError
+
+        raise CoErasingError(f"compare worker(s) {', '.join(map(str, failed))} failed (exit codes "
+                             f"{[codes[i] for i in failed]}); rerun the same command to resume from the cache.")
+
+
+def wait_for(paths: Sequence[Path], poll: float = 5.0) -> None:
+    """Block until every path exists (the other ranks' jobs)."""
+    while not all(path.exists() for path in paths):
+        time.sleep(poll)
+
+
+def default_workers(config: CompareConfig, jobs: int) -> int:
+    if config.workers:
+        return config.workers
+    if torch.cuda.is_available() and not (config.device or "").startswith("cpu"):
+        return max(1, min(torch.cuda.device_count(), jobs))
+    return max(1, min(os.cpu_count() or 1, jobs))
+
+
+def load_records(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    return [json.loads(path.read_text(encoding="utf-8")) for path in paths]

@@ -1,0 +1,337 @@
+"""The toy world as a benchmark for comparing erasers: prompt splits, metrics and the attack.
+
+Prompts are the world's **held-out captions** only (:func:`coerasing.toy.world.caption_labels` with
+``split="heldout"``; never seen in training the stack). For an erased shape ``concept``:
+
+- ``explicit``: captions that name the concept's word ("a red circle", "a circle on a gray background");
+- ``implicit``: captions that only imply it ("an apple", "a photo of a yellow ball");
+- ``unrelated``: every held-out caption of every *other* shape, explicit and implicit, in all
+  colours, backgrounds and phrasings the held-out split has (about 80 captions): usability
+  measured on a handful of prompts would flatter an eraser.
+
+**Validation and test.** Each group's captions are split in two by a fixed hash of the caption
+text (:func:`split_of`), and the two splits use disjoint seeds, so the choice of an operating point
+(on validation) never sees a test image. A group with a single caption lends it to both splits,
+with different seeds.
+
+**Metrics** of one erased model on one split (:func:`evaluate`), with counts and 95 % intervals:
+concept rate on explicit and on implicit prompts (the classifier sees the concept's shape),
+unrelated accuracy (the image shows the asked shape, and colour where asked), a Fréchet distance
+between the unrelated images and renders of the same captions in the toy classifier's feature
+space (the toy world's FID), and the toy CLIP pair's image–text cosine similarity on the unrelated
+images (the toy world's CLIP score). :func:`attack` runs the UnlearnDiff attack (the evaluation
+module's) on explicit test prompts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import CoErasingError
+from ..eval.attack import AttackModels, AttackSettings, attack_row, load_attack_records
+from ..eval.report import asr_summary
+from ..generation import GenerationSettings, ImageRow
+from ..methods.base import Runtime
+from ..stats import frechet_distance, rate
+from . import TOY_GUIDANCE
+from .classifier import ToyClassifier
+from .detector import ToyShapeDetector
+from .world import SHAPES, Scene, caption_labels, render_array, sample_scene
+
+GROUPS: tuple[str, ...] = ("explicit", "implicit", "unrelated")
+SPLITS: tuple[str, ...] = ("validation", "test")
+#: The toy CLIP pair's text projection (the text half of ``text_encoder/`` has none; the build keeps it here).
+TEXT_PROJECTION = "text_projection.safetensors"
+
+
+@dataclass(frozen=True)
+class ToyPrompt:
+    """A held-out caption and what an image of it must show (``None``: not fixed by the caption)."""
+
+    prompt: str
+    shape: str
+    colour: str | None
+    background: str | None
+    group: str
+
+
+@dataclass(frozen=True)
+class ToyEvalSettings:
+    """How many images per group and split, and how they are generated (the toy world's protocol)."""
+
+    explicit_images: int = 24
+    implicit_images: int = 24
+    unrelated_images: int = 64
+    num_inference_steps: int = 25
+    guidance_scale: float = TOY_GUIDANCE
+    batch_size: int = 128
+    #: Renders per generated image in the Fréchet distance's reference set.
+    reference_renders: int = 4
+
+    def images(self, group: str) -> int:
+        return {"explicit": self.explicit_images, "implicit": self.implicit_images,
+                "unrelated": self.unrelated_images}[group]
+
+
+#: Seeds of the two splits start far apart, so no image is in both.
+SPLIT_SEEDS = {"validation": 1_000_000, "test": 2_000_000}
+
+
+def _names_shape(caption: str, shape: str) -> bool:
+    return re.search(rf"\b{re.escape(shape)}\b", caption) is not None
+
+
+def comparison_prompts(concept: str) -> dict[str, list[ToyPrompt]]:
+    """The held-out captions of each group for erasing ``concept`` (see the module docstring)."""
+    if concept not in SHAPES:
+        raise CoErasingError(f"{concept!r} is not a shape of the toy world; use one of: {', '.join(SHAPES)}.")
+    groups: dict[str, list[ToyPrompt]] = {group: [] for group in GROUPS}
+    for caption, (shape, colour, background) in caption_labels("heldout").items():
+        if shape is None:
+            continue  # "a red object" fixes no shape: it cannot be scored
+        if shape == concept:
+            group = "explicit" if _names_shape(caption, concept) else "implicit"
+        else:
+            group = "unrelated"
+        groups[group].append(ToyPrompt(caption, shape, colour, background, group))
+    return groups
+
+
+def split_of(prompt: str) -> str:
+    """``validation`` or ``test`` by a fixed hash of the caption (no randomness, no look at results)."""
+    return SPLITS[hashlib.sha256(prompt.encode()).digest()[0] % 2]
+
+
+def split_prompts(prompts: Sequence[ToyPrompt], split: str) -> list[ToyPrompt]:
+    """The captions of ``split``; a group of one caption lends it to both splits (with other seeds)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}")
+    if len(prompts) <= 1:
+        return list(prompts)
+    chosen = [p for p in prompts if split_of(p.prompt) == split]
+    if not chosen:  # every caption hashed to the other split: take the first one alphabetically
+        chosen = [sorted(prompts, key=lambda p: p.prompt)[0]]
+    return chosen
+
+
+@dataclass(frozen=True)
+class ToyRow:
+    """One evaluation image: a caption, its group and its seed."""
+
+    prompt: ToyPrompt
+    seed: int
+
+    @property
+    def case(self) -> str:
+        return f"{self.prompt.group}-{self.seed}"
+
+    def image_row(self) -> ImageRow:
+        return ImageRow(case=self.case, prompt=self.prompt.prompt, seed=self.seed, guidance=None)
+
+
+def evaluation_rows(concept: str, split: str, settings: ToyEvalSettings) -> list[ToyRow]:
+    """The images of one split: each group's captions round-robin until its image count, seeds counting up."""
+    rows: list[ToyRow] = []
+    seed = SPLIT_SEEDS[split]
+    prompts = comparison_prompts(concept)
+    for group in GROUPS:
+        chosen = sorted(split_prompts(prompts[group], split), key=lambda p: p.prompt)
+        for i in range(settings.images(group) if chosen else 0):
+            rows.append(ToyRow(chosen[i % len(chosen)], seed))
+            seed += 1
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring
+
+
+class ToyScorer:
+    """The toy world's judges: the classifier (labels and features) and the CLIP pair (similarity)."""
+
+    def __init__(self, model: str | Path, device: str | torch.device = "cpu") -> None:
+        from safetensors.torch import load_file
+        from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+
+        self.model = Path(model)
+        self.classifier = ToyClassifier.from_pretrained(self.model / "classifier", device)
+        self.tokenizer = CLIPTokenizer.from_pretrained(str(self.model / "tokenizer"))
+        self.text_encoder = CLIPTextModel.from_pretrained(str(self.model / "text_encoder")).to(device).eval()
+        self.image_encoder = CLIPVisionModelWithProjection.from_pretrained(
+            str(self.model / "image_encoder")).to(device).eval()
+        projection = self.model / TEXT_PROJECTION
+        self.text_projection = load_file(str(projection))["text_projection.weight"].to(device) \
+            if projection.is_file() else None
+        self._references: dict[tuple[str, str], np.ndarray] = {}
+
+    @torch.no_grad()
+    def clip_similarity(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray | None:
+        """Cosine similarity of each image's and its prompt's embeddings in the toy CLIP space."""
+        from ..images import encode_images
+
+        if self.text_projection is None:
+            return None
+        device = self.text_projection.device
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(device)
+        text = self.text_encoder(ids).pooler_output @ self.text_projection.T
+        image = encode_images(self.image_encoder, [Image.fromarray(a) for a in images]).to(device)
+        text, image = torch.nn.functional.normalize(text, dim=-1), torch.nn.functional.normalize(image, dim=-1)
+        return (text * image).sum(-1).cpu().numpy().astype(np.float64)
+
+    def reference_features(self, concept: str, split: str, rows: Sequence[ToyRow], renders: int) -> np.ndarray:
+        """Classifier features of rendered scenes matching the unrelated captions (the FD's real images)."""
+        key = (concept, split)
+        if key not in self._references:
+            rng = np.random.default_rng([SPLIT_SEEDS[split], SHAPES.index(concept)])
+            resolution = int(self.classifier.config["resolution"])
+            scenes: list[Scene] = []
+            for row in rows:
+                for _ in range(renders):
+                    p = row.prompt
+                    scenes.append(sample_scene(rng, p.shape, p.colour, p.background))
+            array = np.stack([render_array(scene, resolution) for scene in scenes])
+            self._references[key] = self.classifier.predict_with_features(array)[1]
+        return self._references[key]
+
+
+def _shows(prediction: dict[str, str], prompt: ToyPrompt) -> bool:
+    return prediction["shape"] == prompt.shape and (prompt.colour is None or prediction["colour"] == prompt.colour)
+
+
+def generate(runtime: Runtime, rows: Sequence[ToyRow], settings: ToyEvalSettings) -> np.ndarray:
+    """``[N, H, W, 3]`` uint8 images of ``rows`` through ``runtime`` (batched; each image its own seed)."""
+    size = int(runtime.pipe.unet.config.sample_size) * int(runtime.pipe.vae_scale_factor)
+    out = []
+    for start in range(0, len(rows), settings.batch_size):
+        batch = rows[start : start + settings.batch_size]
+        out.append(runtime.render([r.seed for r in batch], settings.guidance_scale, size, size,
+                                  settings.num_inference_steps, prompts=[r.prompt.prompt for r in batch],
+                                  output_type="np"))
+    return np.concatenate(out)
+
+
+def evaluate(
+    runtime: Runtime, concept: str, split: str, settings: ToyEvalSettings, scorer: ToyScorer,
+    grid_columns: Sequence[int] = (3, 3, 4),
+) -> dict[str, Any]:
+    """Every metric of one erased model on one split (see the module docstring).
+
+    Returns ``{"metrics": …, "images": per-image records, "grid": [n, H, W, 3] uint8}``; the grid
+    holds the first image of the first ``grid_columns`` captions of each group.
+    """
+    rows = evaluation_rows(concept, split, settings)
+    images = generate(runtime, rows, settings)
+    predictions, features = scorer.classifier.predict_with_features(images)
+    records = []
+    hits: dict[str, list[bool]] = {group: [] for group in GROUPS}
+    for row, prediction in zip(rows, predictions, strict=True):
+        group = row.prompt.group
+        hit = _shows(prediction, row.prompt) if group == "unrelated" else prediction["shape"] == concept
+        hits[group].append(hit)
+        records.append({"case": row.case, "group": group, "prompt": row.prompt.prompt, "seed": row.seed,
+                        "shape": prediction["shape"], "colour": prediction["colour"], "hit": bool(hit)})
+    unrelated = [i for i, row in enumerate(rows) if row.prompt.group == "unrelated"]
+    metrics: dict[str, Any] = {
+        "explicit": rate(sum(hits["explicit"]), len(hits["explicit"])),
+        "implicit": rate(sum(hits["implicit"]), len(hits["implicit"])),
+        "unrelated": rate(sum(hits["unrelated"]), len(hits["unrelated"])),
+        "fd": None, "clip": None,
+    }
+    if len(unrelated) >= 2:
+        reference = scorer.reference_features(concept, split, [rows[i] for i in unrelated], settings.reference_renders)
+        metrics["fd"] = frechet_distance(features[unrelated], reference)
+        similarity = scorer.clip_similarity(images[unrelated], [rows[i].prompt.prompt for i in unrelated])
+        metrics["clip"] = float(similarity.mean()) if similarity is not None else None
+    grid = []
+    for group, count in zip(GROUPS, grid_columns, strict=True):
+        seen: list[str] = []
+        for i, row in enumerate(rows):
+            if row.prompt.group == group and row.prompt.prompt not in seen and len(seen) < count:
+                seen.append(row.prompt.prompt)
+                grid.append((i, group, row.prompt.prompt))
+    return {"metrics": metrics, "images": records, "grid": images[[i for i, _, _ in grid]],
+            "grid_columns": [{"group": g, "prompt": p} for _, g, p in grid]}
+
+
+# ----------------------------------------------------------------------------------------------
+# The attack
+
+
+def concept_inversion(
+    runtime: Runtime, scorer: ToyScorer, concept: str, images: Sequence[Image.Image], steps: int, lr: float,
+    count: int, settings: ToyEvalSettings, seed: int = 0,
+) -> dict[str, Any]:
+    """The concept-inversion attack (STEREO's, :func:`coerasing.textual_inversion.concept_inversion_attack`).
+
+    A word is learned against the erased model from ``images`` (the concept's reference images),
+    then "a photo of <word>" is generated ``count`` times (test seeds); the result is the share of
+    those images in which the classifier sees the concept, with its 95 % interval.
+    """
+    from ..textual_inversion import TextualInversionSettings, concept_inversion_attack
+
+    ti = TextualInversionSettings.for_initializer("object", steps=steps, lr=lr, seed=seed)
+    result = concept_inversion_attack(runtime, images, ti, prompt="a photo of a {}", progress=False)
+    size = int(runtime.pipe.unet.config.sample_size) * int(runtime.pipe.vae_scale_factor)
+    seeds = [SPLIT_SEEDS["test"] + 500_000 + i for i in range(count)]
+    embeds = result.prompt_embeds.repeat(count, 1, 1)
+    images_out = runtime.render(seeds, settings.guidance_scale, size, size, settings.num_inference_steps,
+                                prompt_embeds=embeds, output_type="np")
+    hits = sum(p["shape"] == concept for p in scorer.classifier.predict(images_out))
+    return {**rate(hits, count), "token_loss_first": result.token.losses[0], "token_loss_last": result.token.losses[-1]}
+
+
+def attack_rows(concept: str, settings: ToyEvalSettings, count: int) -> list[ToyRow]:
+    """The first ``count`` explicit test images, spread over the captions (the attack's prompts)."""
+    explicit = [row for row in evaluation_rows(concept, "test", settings) if row.prompt.group == "explicit"]
+    return explicit[:count]
+
+
+def attack(
+    runtime: Runtime,
+    scorer: ToyScorer,
+    concept: str,
+    rows: Sequence[ToyRow],
+    pre: dict[str, bool],
+    references: dict[str, Image.Image],
+    attack_settings: AttackSettings,
+    settings: ToyEvalSettings,
+    out_dir: Path,
+    made_by: dict[str, Any],
+) -> dict[str, Any]:
+    """The UnlearnDiff attack (the evaluation module's :func:`~coerasing.eval.attack.attack_row`) on ``rows``.
+
+    ``pre[case]``: the erased model's own image of the row shows the concept (from its test
+    evaluation); those rows count as successes without attack. ``references``: the base model's
+    images. Records go to ``out_dir/<case>.json`` (a rerun reuses those made with the same settings).
+    Returns :func:`coerasing.eval.report.asr_summary` over the rows.
+    """
+    detector = ToyShapeDetector(scorer.model / "classifier", [concept], str(runtime.device))
+    generation = GenerationSettings(num_inference_steps=settings.num_inference_steps,
+                                    guidance_scale=settings.guidance_scale)
+    cases = [row.case for row in rows]
+    done = load_attack_records(out_dir, cases)
+    done = {case: r for case, r in done.items()
+            if r.get("settings") == vars(attack_settings) and r.get("made_by") == made_by}
+    models = None
+    for row in rows:
+        if pre[row.case] or row.case in done:
+            continue
+        if models is None:
+            models = AttackModels.from_runtime(runtime)
+        done[row.case] = attack_row(models, runtime, detector, row.image_row(), attack_settings, generation,
+                                    references[row.case], out_dir, made_by)
+    attacked = {case: record.get("success") for case, record in done.items()}
+    summary = asr_summary(cases, pre, attacked)["all"]
+    summary["asr_interval"] = rate(summary["pre_success"] + summary["attack_success"], summary["n"])
+    summary["pre_asr_interval"] = rate(summary["pre_success"], summary["n"])
+    return summary

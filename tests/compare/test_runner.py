@@ -1,0 +1,137 @@
+"""The comparison's runner: caching by every setting, and operating points chosen without test prompts."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from coerasing.compare import runner
+from coerasing.compare.cache import Cache, key_of
+from coerasing.compare.config import CompareConfig
+from coerasing.methods.base import CurvePoint
+
+
+class FakeRuntime:
+    def __init__(self, strength: float) -> None:
+        self.strength = strength
+
+    def close(self) -> None:
+        pass
+
+
+class FakeBenchmark:
+    """Validation metrics follow a fixed trade-off; test metrics are whatever ``test_metrics`` says."""
+
+    name = "fake"
+
+    def __init__(self, test_metrics=None, setting: int = 0) -> None:
+        self.test_metrics = test_metrics or (lambda strength: {"explicit": {"rate": 0.5}, "unrelated": {"rate": 0.5}})
+        self.setting = setting
+        self.calls: list[tuple[float, str]] = []
+
+    def world(self):
+        return {"ckpt_path": "fake", "ip_adapter": "fake", "image_encoder_path": "fake"}
+
+    def identity(self):
+        return {"benchmark": self.name, "model": "fake-model", "setting": self.setting}
+
+    def pipeline(self):
+        return "pipe"
+
+    def evaluate(self, runtime, concept, split):
+        self.calls.append((runtime.strength, split))
+        s = runtime.strength
+        if split == "validation":  # erasure improves with strength, usability drops past 2
+            metrics = {"explicit": {"rate": 1 - 0.2 * s, "k": 0, "n": 1},
+                       "unrelated": {"rate": 0.9 - (0.1 * (s - 2) if s > 2 else 0.0), "k": 0, "n": 1}}
+        else:
+            metrics = self.test_metrics(s)
+        return {"metrics": metrics, "images": [], "grid_columns": []}
+
+    @staticmethod
+    def erasure(m):
+        return m["explicit"]["rate"]
+
+    @staticmethod
+    def usability(m):
+        return m["unrelated"]["rate"]
+
+    def attack_identity(self):
+        return {}
+
+
+class FakeMethod:
+    def __init__(self, name, strengths):
+        self.name, self.strengths = name, strengths
+
+    def trace(self, context):
+        points = []
+        for s in self.strengths:
+            path = context.run_folder("fake", {"method": self.name}) / f"point{s}.bin"
+            path.write_text(f"{self.name} {s}")
+            points.append(CurvePoint(f"s{s}", float(s), path))
+        return points
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    def install(benchmark):
+        monkeypatch.setattr(runner, "make_benchmark", lambda config, presets, device: benchmark)
+        monkeypatch.setattr(runner, "get_method", lambda name: FakeMethod(name, [1, 2, 3, 4]))
+        monkeypatch.setattr(runner, "apply_artifact", lambda pipe, path: FakeRuntime(
+            0.0 if path is None else float(path.read_text().split()[1])))
+        return benchmark
+    return install
+
+
+def _config(tmp_path) -> CompareConfig:
+    return CompareConfig(output_dir=str(tmp_path), skip_attack=True)
+
+
+def test_operating_point_never_looks_at_test_prompts(fake, tmp_path):
+    """Two runs that differ only in their test metrics (random, adversarial) choose the same checkpoints."""
+    chosen = []
+    for trial in range(3):
+        rng = random.Random(trial)
+        benchmark = fake(FakeBenchmark(lambda s, rng=rng: {"explicit": {"rate": rng.random()},
+                                                           "unrelated": {"rate": rng.random()}}))
+        record = runner.run_job(_config(tmp_path / str(trial)), {"rule": {"max_usability_drop": 0.05}}, "circle",
+                                0, ["a", "b"], "cpu")
+        chosen.append({m: r["chosen"]["label"] for m, r in record["methods"].items()})
+        assert {split for _, split in benchmark.calls} == {"validation", "test"}
+    assert chosen[0] == chosen[1] == chosen[2] == {"a": "s2", "b": "s2"}  # s2: strongest within 5 points
+
+
+def test_evaluations_are_cached_by_every_setting(fake, tmp_path):
+    config = _config(tmp_path)
+    benchmark = fake(FakeBenchmark())
+    runner.run_job(config, {}, "circle", 0, ["a"], "cpu")
+    assert len(benchmark.calls) == 2 * (1 + 4)  # base + 4 checkpoints, two splits each
+    again = fake(FakeBenchmark())
+    runner.run_job(config, {}, "circle", 0, ["a"], "cpu")
+    assert again.calls == []  # everything served from the cache
+    changed = fake(FakeBenchmark(setting=1))  # one evaluation setting differs: nothing is reused
+    runner.run_job(config, {}, "circle", 0, ["a"], "cpu")
+    assert len(changed.calls) == 10
+
+
+def test_cache_keys_change_with_every_setting(tmp_path):
+    cache = Cache(tmp_path)
+    settings = {"lr": 1e-4, "iterations": 200, "train_method": "noxattn", "nested": {"a": [1, 2]}}
+    first = cache.folder("runs", settings)
+    assert cache.folder("runs", dict(reversed(list(settings.items())))) == first  # order does not matter
+    for key, value in (("lr", 2e-4), ("iterations", 201), ("train_method", "xattn"), ("nested", {"a": [1, 3]})):
+        assert cache.folder("runs", {**settings, key: value}) != first, key
+    assert key_of({"x": 1}) != key_of({"x": 1.5}) and key_of({"x": None}) != key_of({})
+
+
+def test_once_runs_work_only_for_a_new_request(tmp_path):
+    cache = Cache(tmp_path)
+    folder = cache.folder("refs", {"n": 1})
+    calls = []
+    cache.once(folder, {"n": 1}, lambda: calls.append(1))
+    cache.once(folder, {"n": 1}, lambda: calls.append(2))
+    assert calls == [1]
+    cache.once(folder, {"n": 2}, lambda: calls.append(3))
+    assert calls == [1, 3]
