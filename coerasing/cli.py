@@ -31,7 +31,7 @@ def split_method(argv: Sequence[str] | None, default: str) -> tuple[str, list[st
     is read before the method's own parser. A ``method:`` key in the YAML file is removed from it.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--method")
     pre.add_argument("--config")
     known, rest = pre.parse_known_args(argv)

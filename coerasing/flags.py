@@ -266,9 +266,10 @@ def build_parser(cls: type, prog: str, description: str, epilog: str | None = No
     """``argparse`` parser with one argument per :func:`flag` field of ``cls``, plus ``--config``.
 
     Values are kept as given (strings) and unset flags are absent, so that :func:`parse_config`
-    can convert them with :func:`convert` and let the command line override ``--config``.
+    can convert them with :func:`convert` and let the command line override ``--config``. Flags
+    are never abbreviated (``--iteration`` is an error, not ``--iterations``).
     """
-    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of flag values (the command line wins)")
     groups: dict[str, Any] = {}

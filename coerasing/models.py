@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ CLIP_TOKENIZER_DIR: Path = Path(__file__).resolve().parent / "assets" / "clip_to
 # Devices
 
 
-def parse_devices(spec: str | None) -> tuple[torch.device, torch.device]:
+def parse_devices(spec: str | None, flag: str = "--devices") -> tuple[torch.device, torch.device]:
     """``--devices`` → (device of the frozen models, device of the trainable UNet).
 
     ``"0,1"``: frozen models on ``cuda:0``, trainable UNet on ``cuda:1``; one entry puts everything
@@ -58,36 +59,38 @@ def parse_devices(spec: str | None) -> tuple[torch.device, torch.device]:
     entries = [entry.strip() for entry in str(spec).split(",") if entry.strip()]
     if not entries or len(entries) > 2:
         raise CoErasingError(
-            f"--devices {spec!r} must name one or two devices, e.g. '0', '0,1', 'cuda:1' or 'cpu'."
+            f"{flag} {spec!r} must name one or two devices, e.g. '0', '0,1', 'cuda:1' or 'cpu'."
         )
-    devices = [_parse_device(entry, spec) for entry in entries]
+    devices = [_parse_device(entry, spec, flag) for entry in entries]
     return devices[0], devices[-1]
 
 
-def _parse_device(entry: str, spec: str) -> torch.device:
+def _parse_device(entry: str, spec: str, flag: str = "--devices") -> torch.device:
     name = f"cuda:{entry}" if entry.isdigit() else entry
     try:
         device = torch.device(name)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         raise CoErasingError(
-            f"--devices {spec!r}: {entry!r} is not a device. Use GPU indices such as '0,1', or 'cpu'."
+            f"{flag} {spec!r}: {entry!r} is not a device. Use GPU indices such as '0' or '0,1', or 'cpu'."
         ) from exc
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         index = device.index or 0
         if index >= count:
             raise CoErasingError(
-                f"--devices {spec!r} asks for GPU {index}, but this machine has "
-                f"{count} CUDA GPU(s){' (none visible to PyTorch)' if count == 0 else ''}. Pass "
-                f"existing GPU indices (0..{count - 1}) or '--devices cpu'."
+                f"{flag} {spec!r} asks for GPU {index}, but this machine has "
+                f"{count} CUDA GPU(s). Pass existing GPU indices (0..{count - 1}) or '{flag} cpu'."
                 if count
-                else f"--devices {spec!r} asks for GPU {index}, but PyTorch sees no CUDA GPU on this "
-                "machine. Run with '--devices cpu' (slow), or check CUDA_VISIBLE_DEVICES and that the "
+                else f"{flag} {spec!r} asks for GPU {index}, but PyTorch sees no CUDA GPU on this "
+                f"machine. Run with '{flag} cpu' (slow), or check CUDA_VISIBLE_DEVICES and that the "
                 "CUDA build of torch is installed."
             )
         return torch.device("cuda", index)
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise CoErasingError(f"--devices {spec!r}: MPS is not available here; use 'cpu'.")
+        raise CoErasingError(f"{flag} {spec!r}: MPS is not available here; use 'cpu'.")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise CoErasingError(f"{flag} {spec!r}: {entry!r} is not a device this project runs on; use a GPU index "
+                             "or 'cpu'.")
     return device
 
 
@@ -95,7 +98,7 @@ def parse_device(spec: str | None, flag: str = "--device") -> torch.device:
     """A single device (``0``, ``cuda:1``, ``cpu``; default ``cuda:0`` if present, else CPU)."""
     if spec is not None and "," in str(spec):
         raise CoErasingError(f"{flag} {spec!r} names several devices; this command runs on one, e.g. {flag} 0.")
-    return parse_devices(spec)[0]
+    return parse_devices(spec, flag)[0]
 
 
 def check_mixed_precision(mixed_precision: str, devices: tuple[torch.device, ...]) -> None:
@@ -211,10 +214,16 @@ class TextComponents:
     def encode(self, prompts: str | list[str]) -> torch.Tensor:
         """CLIP text states ``[B, 77, d]`` (the UNet's ``encoder_hidden_states``)."""
         prompts = [prompts] if isinstance(prompts, str) else prompts
+        limit = self.tokenizer.model_max_length
+        for prompt in prompts:
+            count = len(self.tokenizer(prompt, truncation=False, verbose=False).input_ids)
+            if count > limit:
+                warnings.warn(f"the prompt {prompt[:60]!r}… has {count} CLIP tokens; only the first {limit} "
+                              "(start and end tokens included) are used, as Stable Diffusion does.", stacklevel=2)
         ids = self.tokenizer(
             prompts,
             padding="max_length",
-            max_length=self.tokenizer.model_max_length,
+            max_length=limit,
             truncation=True,
             return_tensors="pt",
         ).input_ids

@@ -12,7 +12,7 @@ from ..errors import CoErasingError
 from ..flags import SEED_MAX, check_fields, check_output_fields, flag
 from .attack import SCHEDULES, SPACES, AttackSettings
 from .detectors import IMAGENET_CLASSES, DetectorSpec, detector_names
-from .prompts import prompt_set_name
+from .prompts import prompt_set_name, resolve_prompt_file
 from .report import USABILITY_METRICS
 
 COMMANDS: tuple[str, ...] = ("generate", "detect", "attack", "report", "all")
@@ -165,6 +165,7 @@ class EvalConfig:
         require(bool(self.prompts), "--prompts is required: a prompt set (nudity, vangogh, church, …) or a CSV path.")
         require(bool(self.output_dir), "--output_dir is required: the folder for this checkpoint's evaluation.")
         check_fields(self)
+        resolve_prompt_file(self.prompts or "")
         for name in ("height", "width"):
             value = getattr(self, name)
             require(value is None or value % 8 == 0, f"--{name} must be a positive multiple of 8, got {value}.")

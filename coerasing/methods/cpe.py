@@ -1287,7 +1287,7 @@ class CPEMethod(Method):
 
         A point's strength is the number of erase steps up to the end of its stage.
         """
-        settings = {"prompt": context.concept, **context.preset(METHOD_NAME),
+        settings = {"prompt": context.preset("stage1")["prompt"], **context.preset(METHOD_NAME),
                     "ckpt_path": context.world()["ckpt_path"], "seed": context.seed}
         config = CPEConfig(**settings).resolved()
         folder = context.run_folder(METHOD_NAME, settings)

@@ -53,7 +53,7 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from ..files import atomic_write_text
+from ..files import atomic_write, atomic_write_text
 from ..models import CLIP_TOKENIZER_DIR, SD14_SCHEDULER_CONFIG, load_clip_tokenizer
 from . import TOY_GUIDANCE
 from .classifier import CLASSIFIER_SHAPES, NO_SHAPE, ToyClassifier
@@ -468,6 +468,21 @@ def train_clip(pool: Pool, bank: CaptionBank, budget: Budget, seed: int, device:
             model.logit_scale.clamp_(0, math.log(100.0))
     _record("clip", losses)
     return model.eval()
+
+
+def save_text_projection(model: CLIPModel, folder: Path) -> Path:
+    """``text_projection.safetensors``: the CLIP pair's text projection and logit scale.
+
+    SD's ``text_encoder/`` is the text transformer alone, so the projection into the joint space
+    is kept here: the comparison's toy CLIP score (:mod:`coerasing.toy.benchmark`) needs it.
+    """
+    from safetensors.torch import save_file
+
+    tensors = {"text_projection.weight": model.text_projection.weight.detach().cpu().contiguous(),
+               "logit_scale": model.logit_scale.detach().cpu().reshape(1).contiguous()}
+    path = folder / "text_projection.safetensors"
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+    return path
 
 
 def split_clip(model: CLIPModel) -> tuple[CLIPTextModel, CLIPVisionModelWithProjection]:
@@ -912,6 +927,7 @@ def build_toy_world(
             clip = train_clip(pool, bank, plan, seed, device)
             _round_fp16(clip)
             text_encoder, image_encoder = split_clip(clip)
+            save_text_projection(clip, folder)
             tokenizer = load_clip_tokenizer()
             report["clip_zero_shot"] = clip_zero_shot_accuracy(tokenizer, clip, heldout_scenes(500, seed))
             del clip
