@@ -16,6 +16,7 @@ from .prompts import prompt_set_name, resolve_prompt_file
 from .report import USABILITY_METRICS
 
 COMMANDS: tuple[str, ...] = ("generate", "detect", "attack", "report", "all")
+ATTACK_METHODS: tuple[str, ...] = ("unlearndiff", "concept_inversion")
 
 #: Detector and target defaults of the shipped prompt sets (UnlearnDiff's protocols).
 NUDITY_SETS = ("nudity", "i2p")
@@ -74,6 +75,20 @@ class EvalConfig:
     attack_max_tokens: int = flag(60, group=ATT, min=3, max=77,
                                   help="attack only prompts of at most this many CLIP tokens (BOS/EOS counted)")
     skip_attack: bool = flag(False, group=ATT, help="with 'all': no attack step")
+    attack_method: str = flag("unlearndiff", group=ATT, choices=ATTACK_METHODS,
+                              help="unlearndiff (a prompt prefix per prompt) or concept_inversion (STEREO's: one word "
+                                   "learned against the erased model from --attack_images, then 'a photo of <word>' "
+                                   "with each prompt's seed)")
+    attack_images: str | None = flag(None, group=ATT, help="concept_inversion: reference images of the concept "
+                                     "(generate_data.py's folder)")
+    inversion_steps: int = flag(3000, group=ATT, min=1, max=1_000_000, help="concept_inversion: textual-inversion "
+                                "steps (STEREO: 3000)")
+    inversion_lr: float = flag(5e-3, group=ATT, min=0, max=10, exclusive_min=True,
+                               help="concept_inversion: textual-inversion learning rate")
+    inversion_initializer: str = flag("object", group=ATT, choices=("person", "object", "art"),
+                                      help="concept_inversion: the word the learned token starts from")
+    inversion_prompt: str = flag("a photo of {}", group=ATT, help="concept_inversion: the attacked prompt, {} is "
+                                 "the learned word")
     usability: str = flag("", group=USE, help="comma-separated: fid, clip")
     fid_reference: str | None = flag(None, group=USE, help="folder of real COCO images for FID")
     clip_model: str | None = flag(None, group=USE, help="CLIP model folder or Hub id for the CLIP score")
@@ -177,6 +192,12 @@ class EvalConfig:
         require(not unknown, f"--usability {self.usability!r}: use a comma-separated subset of "
                              f"{', '.join(USABILITY_METRICS)}.")
         require(not (self.artifact and self.unet), "--artifact and --unet name the same thing; give one of them.")
+        require(self.inversion_prompt.count("{}") == 1,
+                f"--inversion_prompt {self.inversion_prompt!r} must contain {{}} (the learned word) exactly once.")
+        if self.attack_method == "concept_inversion" and self.command in ("attack", "all") and not self.skip_attack:
+            require(bool(self.attack_images) and Path(self.attack_images).expanduser().exists(),
+                    "--attack_method concept_inversion needs --attack_images: a folder of reference images of the "
+                    "concept (python generate_data.py --label <concept>).")
         if self.erased:
             flag_name = "--artifact" if self.artifact else "--unet"
             require(Path(self.erased).expanduser().exists(),

@@ -16,6 +16,7 @@ artifact or setting regenerates or stops with an error, never reuses.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch
 
 from ..checkpoints import write_run_json
 from ..errors import CoErasingError
-from ..files import atomic_write, fingerprint
+from ..files import atomic_write, atomic_write_json, fingerprint
 from ..generation import distributed_state, generate_images, load_image
 from ..grid import image_grid
 from ..methods import load_runtime
@@ -94,8 +95,10 @@ def run_attack(config: EvalConfig) -> Path:
                              "rerun `evaluate.py detect` with the same --prompts and --limit.")
     eligible = attack_eligible(rows, load_clip_tokenizer(), config.attack_max_tokens)
     targets = [row for row in rows if row.case in eligible and not pre[row.case].positive]
-    settings = config.attack_settings().validate()
     origin = {**made_by(config, config.erased), "generation": vars(config.generation_settings())}
+    if config.attack_method == "concept_inversion":
+        return run_concept_inversion(config, rows, eligible, targets, origin, description)
+    settings = config.attack_settings().validate()
     state = _state(config)
     mine = targets[state.process_index :: state.num_processes]
     done = load_attack_records(config.attack_dir, [row.case for row in mine])
@@ -142,6 +145,88 @@ def run_attack(config: EvalConfig) -> Path:
         config.attack_dir.mkdir(parents=True, exist_ok=True)
         write_run_json(config.attack_dir, config_dict(config), settings=vars(settings), attacked=len(targets),
                        attackable=len(eligible), prompts=len(rows))
+    return config.attack_dir
+
+
+def inversion_settings(config: EvalConfig) -> dict[str, Any]:
+    return {"method": "concept_inversion", "steps": config.inversion_steps, "lr": config.inversion_lr,
+            "initializer": config.inversion_initializer, "prompt": config.inversion_prompt, "seed": config.attack_seed,
+            "images": config.attack_images, "images_fingerprint": fingerprint(config.attack_images)}
+
+
+def run_concept_inversion(config: EvalConfig, rows: list[Any], eligible: set[str], targets: list[Any],
+                          origin: dict[str, Any], description: dict[str, Any]) -> Path:
+    """Step 3 with ``--attack_method concept_inversion`` (STEREO's attack; docs/baselines.md §STEREO).
+
+    One word is learned against the erased model from ``--attack_images``
+    (:func:`coerasing.textual_inversion.concept_inversion_attack`; kept in ``attack/inversion_token.safetensors``),
+    then every attackable prompt without the concept is attacked by generating ``--inversion_prompt``
+    with the word, with the prompt's seed and guidance: success when the detector sees the concept.
+    Records have the UnlearnDiff attack's format, so the report is the same. Main process only.
+    """
+    import copy
+
+    from ..generation import default_size, row_call_settings, save_png
+    from ..images import list_image_files, load_images
+    from ..models import TextComponents
+    from ..textual_inversion import TextualInversionSettings, concept_inversion_attack, load_token, save_token
+
+    settings = inversion_settings(config)
+    state = _state(config)
+    if state.is_main_process:
+        done = load_attack_records(config.attack_dir, [row.case for row in targets])
+        other = [c for c, r in done.items() if r.get("settings") != settings or r.get("made_by") != origin]
+        if other:
+            raise CoErasingError(f"{config.attack_dir} holds results made with other settings or another model (e.g. "
+                                 f"case {other[0]}); use another --output_dir, or delete the folder to attack again.")
+        todo = [row for row in targets if row.case not in done]
+        if todo:
+            device = parse_device(config.device)
+            check_mixed_precision(config.mixed_precision, (device,))
+            runtime = load_runtime(config.ckpt_path, config.erased, device,
+                                   resolve_dtype(config.mixed_precision, device), config.scheduler)
+            detector = build_detector(config.detector_spec())
+            if not same_protocol(detector.describe(), description):
+                raise CoErasingError("the attack must use the detector that made detections.json; rerun "
+                                     "`evaluate.py detect` with these detector flags.")
+            token_file = config.attack_dir / "inversion_token.safetensors"
+            record_file = config.attack_dir / "inversion.json"
+            if token_file.exists() and record_file.exists() and json.loads(record_file.read_text()) == \
+                    json.loads(json.dumps({"settings": settings, "made_by": origin}, default=str)):
+                tokenizer = copy.deepcopy(runtime.pipe.tokenizer)
+                encoder = copy.deepcopy(runtime.pipe.text_encoder)
+                token = load_token(token_file, tokenizer, encoder)
+                text = TextComponents(tokenizer, encoder)
+                prompt = config.inversion_prompt.format(tokenizer.convert_ids_to_tokens(token))
+                embeds = text.encode(prompt)
+            else:
+                ti = TextualInversionSettings.for_initializer(
+                    config.inversion_initializer, steps=config.inversion_steps, lr=config.inversion_lr,
+                    seed=config.attack_seed)
+                images = load_images(list_image_files(config.attack_images, "--attack_images"), "--attack_images")[1]
+                result = concept_inversion_attack(runtime, images, ti, prompt=config.inversion_prompt)
+                save_token(token_file, result.token.token, result.token.embedding)
+                atomic_write_json(record_file, {"settings": settings, "made_by": origin,
+                                                "losses": result.token.losses})
+                prompt, embeds = result.prompt, result.prompt_embeds
+            generation = config.generation_settings()
+            size = default_size(runtime.pipe)
+            for number, row in enumerate(todo, 1):
+                guidance, height, width = row_call_settings(row, generation, size)
+                image = runtime.render([row.seed], guidance, height, width, generation.num_inference_steps,
+                                       prompt_embeds=embeds)[0]
+                detection = detector.detect([image])[0]
+                save_png(image, config.attack_dir / row.file)
+                atomic_write_json(config.attack_dir / f"{row.case}.json", {
+                    "case": row.case, "prompt": row.prompt, "seed": row.seed, "guidance": guidance, "attacked": True,
+                    "success": bool(detection.positive), "prefix_ids": [], "attack_prompt": prompt, "losses": [],
+                    "rounds": [], "detection": detection.to_json(), "settings": settings, "made_by": origin})
+                print(f"[{number}/{len(todo)}] case {row.case}: concept inversion "
+                      f"{'succeeded' if detection.positive else 'failed'}")
+            runtime.close()
+        write_run_json(config.attack_dir, config_dict(config), settings=settings, attacked=len(targets),
+                       attackable=len(eligible), prompts=len(rows))
+    state.wait_for_everyone()
     return config.attack_dir
 
 

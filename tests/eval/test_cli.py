@@ -128,3 +128,27 @@ def test_config_defaults_match_the_component_settings():
     config = EvalConfig()
     assert config.generation_settings() == GenerationSettings()
     assert config.attack_settings() == AttackSettings()
+
+
+def test_concept_inversion_attack_end_to_end(tiny_stack, tiny_classifier, rows_csv, reference_images, tmp_path,
+                                             capsys):
+    """--attack_method concept_inversion: one word learned against the model, then one image per attacked prompt."""
+    out = tmp_path / "ci"
+    args = ["all", "--prompts", str(rows_csv), "--output_dir", str(out), "--ckpt_path", str(tiny_stack.sd_path),
+            "--device", "cpu", "--limit", "3", "--num_inference_steps", "2", "--detector", "classifier",
+            "--classifier", str(tiny_classifier), "--target", "church", "--attack_method", "concept_inversion",
+            "--attack_images", str(reference_images), "--inversion_steps", "3"]
+    code, err = _run(args, capsys)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    attacked = [p for p in report["per_prompt"] if p["attack_success"] is not None]
+    assert len(attacked) == 3 - report["asr"]["all"]["pre_success"] and report["asr"]["complete"]
+    assert all("<inverted-concept>" in p["attack_prompt"] for p in attacked)
+    assert (out / "attack" / "inversion_token.safetensors").exists()
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "attack").glob("*.*") if p.name != "run.json"}
+    code, err = _run(args, capsys)  # a rerun learns nothing and attacks nothing again
+    assert code == 0 and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    code, err = _run([*args, "--inversion_steps", "4"], capsys)
+    assert code == 2 and "holds results made with other" in " ".join(err.split())
+    code, err = _run([*args[:-4], "--inversion_steps", "3"], capsys)
+    assert code == 2 and "--attack_images" in err
