@@ -1,6 +1,7 @@
 # make demo: install into .venv, then run reference images → stage 1 → stage 2 → evaluation end to
 #            end on the trained toy-world model shipped in coerasing/assets/toy_world (no download).
-# make test: install into .venv, then run the test suite.
+# make test: install into .venv, then run the whole test suite (what CI and newcomers run).
+# make test-fast: the inner loop: every test not marked slow.
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
@@ -9,7 +10,7 @@ DEMO   ?= outputs/demo
 export HF_HUB_OFFLINE = 1
 export PYTHONUNBUFFERED = 1
 
-.PHONY: install test demo lint clean
+.PHONY: install test test-fast demo lint clean
 
 install: $(STAMP)
 
@@ -21,6 +22,9 @@ $(STAMP): requirements.txt
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -177,6 +177,8 @@ def plot_concept(records: Sequence[dict[str, Any]], methods: Sequence[str], conc
     import matplotlib.pyplot as plt
 
     group_records = [r for r in records if r["concept"] == concept]
+    if _value(group_records[0]["base"]["test"]["metrics"], "unrelated") is None:
+        return _plot_against_strength(group_records, methods, concept, path)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
     for ax, group in zip(axes, ("explicit", "implicit"), strict=True):
         base = [r["base"]["test"]["metrics"] for r in group_records]
@@ -204,6 +206,33 @@ def plot_concept(records: Sequence[dict[str, Any]], methods: Sequence[str], conc
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="best")
     fig.suptitle(f"{concept}: trade-off curves (mean ± sd over {len(group_records)} seed(s); X = chosen points)")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
+
+
+def _plot_against_strength(records: Sequence[dict[str, Any]], methods: Sequence[str], concept: str,
+                           path: Path) -> None:
+    """Without a usability measure (the real protocol without --clip_model): concept rate along each curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for index, method in enumerate(methods):
+        points = records[0]["methods"][method]["points"]
+        means = [np.mean([_value(next(p for p in r["methods"][method]["points"] if p["label"] == point["label"])
+                                 ["test"]["metrics"], "explicit") for r in records]) for point in points]
+        ax.plot([p["strength"] for p in points], means, marker="o", color=f"C{index}", label=method)
+    ax.axhline(np.mean([_value(r["base"]["test"]["metrics"], "explicit") for r in records]), color="black",
+               linestyle="--", label="base")
+    ax.set_xlabel("curve position (iterations, stages or |w|)")
+    ax.set_ylabel(f"{concept} rate (test) ↓")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)

@@ -335,8 +335,9 @@ class CPEConfig:
                                 group="architecture", min=1, resume=True)
     rank: int | None = flag(None, help="rank r of each layer's residual map; default by kind",
                             group="architecture", min=1, resume=True)
-    separate_key: bool = flag(False, help="use a separate key projection Wk in the gate (the paper's design; "
-                              "the official code uses Wq for the key too)", group="architecture", resume=True)
+    separate_key: bool = flag(False, help="use a separate key projection Wk in the gate (the official code creates Wk "
+                              "but uses Wq for the key too, which is the default here)", group="architecture",
+                              resume=True)
     adversarial_prompts: int | None = flag(None, help="K perturbations trained per attack phase (0: no attack "
                                            "phases); default by kind", group="schedule", min=0, resume=True)
     stages: int | None = flag(None, help="erase/attack stages; default by kind", group="schedule", min=1,
@@ -1287,7 +1288,7 @@ class CPEMethod(Method):
 
         A point's strength is the number of erase steps up to the end of its stage.
         """
-        settings = {"prompt": context.preset("stage1")["prompt"], **context.preset(METHOD_NAME),
+        settings = {"prompt": context.preset("stage1").get("prompt", context.concept), **context.preset(METHOD_NAME),
                     "ckpt_path": context.world()["ckpt_path"], "seed": context.seed}
         config = CPEConfig(**settings).resolved()
         folder = context.run_folder(METHOD_NAME, settings)

@@ -903,7 +903,7 @@ class GIEMethod(Method):
         """
         preset = dict(context.preset("gie"))
         values = preset.pop("w", [-1.0, -2.0, -4.0, -8.0])
-        target = preset.pop("target", None) or context.preset("stage1")["prompt"]
+        target = preset.pop("target", None) or context.preset("stage1").get("prompt", context.concept)
         points = []
         for w in sorted((float(v) for v in values), key=abs):
             config = GIEConfig(target=target, w=w, **preset)

@@ -27,7 +27,7 @@ Chosen where the paper is silent or differs from the code (the official code is 
 negative and one anchor per iteration drawn uniformly by the run's seeded generator (the code
 draws them stratified), the seed is the same in every round (the code resets it every round),
 token names are ``<stereo-1>``, ``<stereo-2>``, … (the code's are random), and anchors are benign
-prompts of our own (the code's anchors contain the concept in context; see the README).
+prompts of our own (the code's anchors contain the concept in context; docs/baselines.md §STEREO says why).
 """
 
 from __future__ import annotations
@@ -338,7 +338,7 @@ class Stereo(Method):
         """STEREO's curve: REO's periodic checkpoints (its search rounds are trained once per seed)."""
         preset = dict(context.preset("stereo"))
         world = context.world()
-        preset.setdefault("prompt", context.preset("stage1")["prompt"])
+        preset.setdefault("prompt", context.preset("stage1").get("prompt", context.concept))
         settings = {**preset, "ckpt_path": world["ckpt_path"], "image": str(context.references()),
                     "seed": context.seed}
         folder = context.run_folder("stereo", settings)
