@@ -215,7 +215,10 @@ def run_shard(config: CompareConfig, presets: dict[str, Any], jobs: Sequence[tup
         if path.exists():
             progress.update(len(methods))
             continue
+        started = time.time()
         record = run_job(config, presets, concept, seed, methods, device, progress)
+        record["timing"] = {"started": started, "finished": time.time(), "seconds": round(time.time() - started, 1),
+                            "process": f"{index + 1}/{count}"}
         atomic_write_json(path, record)
     progress.close()
 
