@@ -19,7 +19,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -107,20 +107,48 @@ def write_run_json(folder: str | Path, config: dict[str, Any], **extra: Any) -> 
     return atomic_write_text(Path(folder) / "run.json", json.dumps(payload, indent=2, default=str) + "\n")
 
 
-class LossLog:
-    """Per-iteration loss log: ``loss.csv`` always, TensorBoard events when installed."""
+class CsvLog:
+    """An append-only CSV log (``loss.csv``) that, when a run resumes, keeps only the rows ``keep`` accepts.
+
+    The kept rows are rewritten atomically first, so a resumed log never repeats or mixes rows of
+    the interrupted run past its resume point.
+    """
+
+    def __init__(self, path: str | Path, fields: tuple[str, ...], keep: Callable[[dict[str, str]], bool] | None = None):
+        self.path = Path(path)
+        self.fields = fields
+        rows: list[dict[str, str]] = []
+        if keep is not None and self.path.exists():
+            with self.path.open(newline="") as handle:
+                rows = [row for row in csv.DictReader(handle) if keep(row)]
+        atomic_write(self.path, lambda tmp: self._write_rows(tmp, rows))
+        self._handle = self.path.open("a", newline="")
+        self._writer = csv.DictWriter(self._handle, fieldnames=fields)
+
+    def _write_rows(self, path: Path, rows: list[dict[str, str]]) -> None:
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._writer.writerow(row)
+
+    def flush(self) -> None:
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+class LossLog(CsvLog):
+    """Per-iteration loss log of the erasing loop: ``loss.csv`` always, TensorBoard events when installed."""
 
     FIELDS = ("iteration", "loss", "bucket", "timestep")
 
     def __init__(self, folder: str | Path, logging_dir: str | Path | None = None, resume_from: int = 0):
-        self.path = Path(folder) / "loss.csv"
-        rows = []
-        if resume_from and self.path.exists():
-            with self.path.open(newline="") as handle:
-                rows = [row for row in csv.DictReader(handle) if int(row["iteration"]) <= resume_from]
-        atomic_write(self.path, lambda tmp: self._write_rows(tmp, rows))
-        self._handle = self.path.open("a", newline="")
-        self._writer = csv.DictWriter(self._handle, fieldnames=self.FIELDS)
+        keep = (lambda row: int(row["iteration"]) <= resume_from) if resume_from else None
+        super().__init__(Path(folder) / "loss.csv", self.FIELDS, keep)
         self._tensorboard = None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -129,23 +157,17 @@ class LossLog:
         except ImportError:
             pass
 
-    def _write_rows(self, path: Path, rows: list[dict]) -> None:
-        with path.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self.FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
-
     def log(self, iteration: int, loss: float, bucket: int, timestep: int) -> None:
-        self._writer.writerow({"iteration": iteration, "loss": f"{loss:.8g}", "bucket": bucket, "timestep": timestep})
+        self.write({"iteration": iteration, "loss": f"{loss:.8g}", "bucket": bucket, "timestep": timestep})
         if self._tensorboard is not None:
             self._tensorboard.add_scalar("loss", loss, iteration)
 
     def flush(self) -> None:
-        self._handle.flush()
+        super().flush()
         if self._tensorboard is not None:
             self._tensorboard.flush()
 
     def close(self) -> None:
-        self._handle.close()
+        super().close()
         if self._tensorboard is not None:
             self._tensorboard.close()

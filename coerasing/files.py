@@ -59,7 +59,8 @@ def atomic_write_json(path: str | Path, payload: Any) -> Path:
     return atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -77,7 +78,7 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
         return removed
     for path in folder.iterdir():
         match = _TEMP.match(path.name)
-        if match and path.is_file() and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+        if match and path.is_file() and int(match.group(1)) != os.getpid() and not pid_alive(int(match.group(1))):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed

@@ -78,3 +78,35 @@ def test_contrastive_pairs_and_directions(tmp_path):
     assert torch.equal(contrastive_embedding(p, n, "diff"), torch.tensor([-2.0, -3.0]))
     assert torch.equal(contrastive_embedding(p, n, "l1"), torch.tensor([2.0, 3.0]))
     assert torch.equal(contrastive_embedding(p, n, "l2"), torch.tensor([4.0, 9.0]))
+
+
+def test_every_pil_mode_becomes_faithful_8_bit_rgb_or_a_clear_error():
+    import numpy as np
+    from PIL import Image
+
+    from coerasing.errors import CoErasingError
+    from coerasing.images import to_rgb
+
+    def rgb(image):
+        return np.asarray(to_rgb(image)).astype(int)
+
+    assert rgb(Image.new("L", (2, 2), 77))[0, 0].tolist() == [77, 77, 77]
+    assert rgb(Image.new("1", (2, 2), 1))[0, 0].tolist() == [255, 255, 255]
+    assert rgb(Image.new("RGBA", (2, 2), (10, 20, 30, 0)))[0, 0].tolist() == [255, 255, 255]  # transparent: white
+    assert rgb(Image.new("RGBA", (2, 2), (10, 20, 30, 255)))[0, 0].tolist() == [10, 20, 30]
+    assert rgb(Image.new("LA", (2, 2), (40, 255)))[0, 0].tolist() == [40, 40, 40]
+    palette = Image.new("P", (2, 2), 1)
+    palette.putpalette([0, 0, 0, 200, 100, 50] + [0] * 762)
+    assert rgb(palette)[0, 0].tolist() == [200, 100, 50]
+    palette.info["transparency"] = 1
+    assert rgb(palette)[0, 0].tolist() == [255, 255, 255]
+    sixteen = Image.fromarray(np.full((2, 2), 65535, np.uint16))  # I;16: scaled, not clipped at 255
+    assert sixteen.mode.startswith("I;16") and rgb(sixteen)[0, 0].tolist() == [255, 255, 255]
+    half = Image.fromarray(np.full((2, 2), 32896, np.uint16))
+    assert rgb(half)[0, 0].tolist() == [128, 128, 128]
+    assert rgb(Image.fromarray(np.full((2, 2), 0.5, np.float32)))[0, 0].tolist() == [128, 128, 128]  # F in [0, 1]
+    assert rgb(Image.fromarray(np.full((2, 2), 100, np.int32)))[0, 0].tolist() == [100, 100, 100]  # I in [0, 255]
+    assert rgb(Image.new("CMYK", (2, 2), (0, 0, 0, 0)))[0, 0].tolist() == [255, 255, 255]
+    assert np.abs(rgb(Image.new("YCbCr", (2, 2), (128, 128, 128)))[0, 0] - 128).max() <= 1
+    with pytest.raises(CoErasingError, match="no faithful 8-bit"):
+        to_rgb(Image.fromarray(np.full((2, 2), -3.0, np.float32)))

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..files import atomic_write, atomic_write_json
+from ..files import atomic_write, atomic_write_json, pid_alive
 
 #: Bumped when what a cached entry means changes (a new metric, a fixed bug), so old entries are not reused.
 CACHE_VERSION = 1
@@ -39,16 +39,6 @@ def key_of(payload: Any) -> str:
     return hashlib.sha256(canonical({"version": CACHE_VERSION, "payload": payload}).encode()).hexdigest()[:16]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @contextmanager
 def locked(path: Path, poll: float = 1.0) -> Iterator[None]:
     """Hold ``path`` (a lock file with our pid) while the block runs; wait while a live process holds it.
@@ -64,7 +54,7 @@ def locked(path: Path, poll: float = 1.0) -> Iterator[None]:
                 holder = int(path.read_text() or "0")
             except (OSError, ValueError):
                 holder = 0
-            if holder and not _alive(holder):
+            if holder and not pid_alive(holder):
                 path.unlink(missing_ok=True)
                 continue
             time.sleep(poll)

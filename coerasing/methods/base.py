@@ -72,6 +72,30 @@ def read_artifact(path: str | Path, flag: str = "--artifact") -> Artifact:
     return Artifact(method=UNET_CHECKPOINT, path=path)
 
 
+#: Words of explicit concepts (the nudity family): CPE's and STEREO's ``explicit`` kind.
+EXPLICIT_WORDS: frozenset[str] = frozenset({
+    "nudity", "nude", "naked", "erotic", "sexual", "nsfw", "porn", "pornography", "explicit", "topless",
+})
+
+
+def concept_kind(concept: str) -> str:
+    """``explicit`` (nudity words), ``artist`` (known artists), ``toy`` (the toy world's shapes) or ``object``.
+
+    The baselines' defaults (CPE's recipes, STEREO's initialiser and anchors) depend on it.
+    """
+    from ..config import ARTISTS
+    from ..toy.world import SHAPES
+
+    word = concept.strip().lower()
+    if word in EXPLICIT_WORDS:
+        return "explicit"
+    if word in ARTISTS:
+        return "artist"
+    if word in SHAPES:
+        return "toy"
+    return "object"
+
+
 class Runtime:
     """A pipeline with an eraser applied (the base runtime applies nothing: the base model)."""
 

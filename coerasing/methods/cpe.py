@@ -30,7 +30,6 @@ Files of a run folder (:func:`train_cpe`): ``artifact.json`` + ``cpe.safetensors
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import re
@@ -44,10 +43,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checkpoints import CsvLog
 from ..errors import CoErasingError, NonFiniteLossError
 from ..files import atomic_write, atomic_write_json, remove_stale_temps
 from ..flags import SEED_MAX, check_fields, check_output_fields, flag, resume_settings
-from .base import ARTIFACT_FILE, Artifact, CurvePoint, Method, Runtime, TraceContext, write_artifact
+from .base import ARTIFACT_FILE, Artifact, CurvePoint, Method, Runtime, TraceContext, concept_kind, write_artifact
 
 METHOD_NAME = "cpe"
 WEIGHTS_FILE = "cpe.safetensors"
@@ -104,11 +104,6 @@ ARTIST_TEMPLATES: tuple[str, ...] = (
     "a museum piece by {}",
     "a seascape in the manner of {}",
 )
-
-#: Words treated as the ``explicit`` kind (nudity is erased as nudity, naked, erotic, sexual).
-EXPLICIT_WORDS: frozenset[str] = frozenset({
-    "nudity", "nude", "naked", "erotic", "sexual", "nsfw", "porn", "pornography", "explicit", "topless",
-})
 
 #: Everyday sentences: anchors of explicit concepts (kept as they are, no templates).
 EVERYDAY_SENTENCES: tuple[str, ...] = (
@@ -184,25 +179,6 @@ OBJECT_WORDS: tuple[str, ...] = (
     "a garbage truck", "a gas pump", "a cassette player", "a photo", "a landscape", "a city street",
     "a room", "a person",
 )
-
-
-def concept_kind(concept: str) -> str:
-    """The preset family of a concept (docs/baselines.md §CPE, per-concept values).
-
-    ``"explicit"`` for nudity-like words, ``"artist"`` for names in :data:`coerasing.config.ARTISTS`,
-    ``"toy"`` for the toy world's shapes, else ``"object"``.
-    """
-    from ..config import ARTISTS
-    from ..toy.world import SHAPES
-
-    word = concept.strip().lower()
-    if word in EXPLICIT_WORDS:
-        return "explicit"
-    if word in ARTISTS:
-        return "artist"
-    if word in SHAPES:
-        return "toy"
-    return "object"
 
 
 def _mentions(text: str, word: str) -> bool:
@@ -1029,37 +1005,19 @@ def total_steps(config: CPEConfig, first: int = 1) -> int:
                for s in range(first, config.stages + 1))
 
 
-class CPELossLog:
+class CPELossLog(CsvLog):
     """``loss.csv``: one row per step (concept, stage, phase, step, lr, losses); kept up to a resume point."""
 
     FIELDS = ("concept", "stage", "phase", "step", "lr", "loss", "erase", "adversarial", "anchor")
 
     def __init__(self, folder: Path, keep_stages: int = 0) -> None:
-        self.path = folder / LOSS_FILE
-        rows: list[dict[str, str]] = []
-        if keep_stages and self.path.exists():
-            with self.path.open(newline="") as handle:
-                rows = [row for row in csv.DictReader(handle) if int(row["stage"]) <= keep_stages]
-        atomic_write(self.path, lambda tmp: self._write(tmp, rows))
-        self._handle = self.path.open("a", newline="")
-        self._writer = csv.DictWriter(self._handle, fieldnames=self.FIELDS)
-
-    def _write(self, path: Path, rows: list[dict[str, str]]) -> None:
-        with path.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self.FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
+        keep = (lambda row: int(row["stage"]) <= keep_stages) if keep_stages else None
+        super().__init__(folder / LOSS_FILE, self.FIELDS, keep)
 
     def log(self, concept: str, stage: int, phase: str, step: int, lr: float, **losses: float) -> None:
         row = {"concept": concept, "stage": stage, "phase": phase, "step": step, "lr": f"{lr:.6g}"}
         row.update({key: f"{value:.8g}" for key, value in losses.items()})
-        self._writer.writerow(row)
-
-    def flush(self) -> None:
-        self._handle.flush()
-
-    def close(self) -> None:
-        self._handle.close()
+        self.write(row)
 
 
 def _read_prompt_file(path: str) -> list[str]:

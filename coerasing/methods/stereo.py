@@ -42,13 +42,13 @@ from tqdm.auto import tqdm
 
 from ..checkpoints import write_run_json
 from ..choices import DEFAULT_MODEL, SAMPLERS, TRAIN_METHODS
-from ..config import ARTISTS, MAX_STEPS, EraseConfig
+from ..config import MAX_STEPS, EraseConfig
 from ..errors import CoErasingError
 from ..files import atomic_write_json
 from ..flags import SEED_MAX, check_fields, check_output_fields, flag
 from ..ip_adapter import unet_noise_pred
 from ..train import Eraser, _randint
-from .base import CurvePoint, Method, TraceContext
+from .base import CurvePoint, Method, TraceContext, concept_kind
 
 #: Default anchors (our own lists): benign prompts the REO target pulls towards.
 NUDITY_ANCHORS = (
@@ -69,21 +69,6 @@ OBJECT_ANCHORS = (
     "a photo of a sailboat", "a photo of a teapot", "a photo of a castle", "a photo of a bus",
     "a photo of a mountain lake", "a photo of a cat on a sofa",
 )
-NUDITY_WORDS = {"nudity", "nude", "naked", "erotic", "sexual", "nsfw"}
-
-
-def concept_kind(concept: str) -> str:
-    """``explicit`` (nudity words), ``artist`` (known artists), ``toy`` (the toy world's shapes) or ``object``."""
-    from ..toy.world import SHAPES
-
-    word = concept.strip().lower()
-    if word in NUDITY_WORDS:
-        return "explicit"
-    if word in ARTISTS:
-        return "artist"
-    if word in SHAPES:
-        return "toy"
-    return "object"
 
 
 def default_anchors(concept: str) -> list[str]:
