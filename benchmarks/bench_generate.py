@@ -66,7 +66,7 @@ def main() -> None:
                 rates[name].append(args.images / (time.perf_counter() - start))
     medians = {name: statistics.median(values) for name, values in rates.items()}
     single, batched = medians["one per call"], medians[f"batch {args.batch_size}"]
-    print(f"\n{args.arch} on {args.device} ({torch.get_num_threads()} threads), {args.steps} steps, "
+    print(f"\n{args.model_dir or args.arch} on {args.device} ({torch.get_num_threads()} threads), {args.steps} steps, "
           f"{args.images} images per round, median of {args.rounds} rounds, {args.mixed_precision} precision")
     print("| way | images/s | speed-up |")
     print("|---|---|---|")

@@ -162,7 +162,8 @@ def markdown(summary: dict[str, Any], methods: Sequence[str], header: str) -> st
                      f"| {fmt('clip', False)} | {fmt('pre_asr')} | {fmt('asr')} | {fmt('inversion')} |")
     lines += ["", "Rates in percent on test prompts at each method's chosen checkpoint: mean ± standard deviation "
               "over training seeds, then the pooled count over seeds with its 95 % Wilson interval. A checkpoint "
-              "marked * did not meet the operating-point rule (none did). FD and CLIP: Fréchet distance and "
+              "marked * is the rule's fallback: no checkpoint of that seed's curve kept validation usability "
+              "within the budget, so the most usable one was taken. FD and CLIP: Fréchet distance and "
               "image–text similarity on unrelated prompts. pre-ASR and ASR: the UnlearnDiff attack on explicit "
               "test prompts; CI: concept inversion (a word learned against the erased model from the concept's "
               "reference images), the share of its images that show the concept.", ""]
