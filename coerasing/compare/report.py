@@ -28,6 +28,8 @@ from ..grid import image_grid
 from ..stats import mean_spread, rate
 
 GROUPS = ("explicit", "implicit", "unrelated")
+#: (line style, marker) per method, so that curves sharing checkpoints (ESD and its equal-compute run) stay visible.
+STYLES = (("-", "o"), ("-", "s"), ("--", "^"), ("-", "D"), (":", "v"), ("-", "P"), ("-.", "h"), ("--", "*"))
 SCORES = ("fd", "clip")
 SPLITS = ("validation", "test")
 
@@ -195,18 +197,20 @@ def plot_concept(records: Sequence[dict[str, Any]], methods: Sequence[str], conc
                 y = [_value(p["test"]["metrics"], group) for p in points]
                 xs.append(np.mean(x)), ys.append(np.mean(y))
                 xe.append(np.std(x, ddof=1) if len(x) > 1 else 0), ye.append(np.std(y, ddof=1) if len(y) > 1 else 0)
-            color = f"C{index}"
-            ax.errorbar(xs, ys, xerr=xe, yerr=ye, marker="o", ms=4, color=color, label=method, capsize=2, lw=1.2)
+            color, style = f"C{index}", STYLES[index % len(STYLES)]
+            ax.errorbar(xs, ys, xerr=xe, yerr=ye, marker=style[1], ms=5, color=color, label=method, capsize=2,
+                        lw=1.3, linestyle=style[0], alpha=0.85)
             for r in group_records:
                 chosen = next(p for p in r["methods"][method]["points"]
                               if p["label"] == r["methods"][method]["chosen"]["label"])
                 ax.scatter([_value(chosen["test"]["metrics"], "unrelated")], [_value(chosen["test"]["metrics"], group)],
-                           marker="X", s=70, color=color, edgecolor="black", zorder=6)
+                           marker=style[1], s=110, color=color, edgecolor="black", linewidth=1.5, zorder=6)
         ax.set_xlabel("unrelated accuracy (test) ↑")
         ax.set_ylabel(f"{concept} rate, {group} prompts (test) ↓")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="best")
-    fig.suptitle(f"{concept}: trade-off curves (mean ± sd over {len(group_records)} seed(s); X = chosen points)")
+    fig.suptitle(f"{concept}: trade-off curves on test prompts, mean ± sd over {len(group_records)} seed(s)\n"
+                 "large outlined markers: each seed's chosen point; curves that share checkpoints overlap", fontsize=10)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
