@@ -107,6 +107,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoints import write_run_json
 from ..errors import CoErasingError
 from ..files import atomic_write
 from ..flags import SEED_MAX, check_fields, flag
@@ -776,7 +777,11 @@ class GIERuntime(Runtime):
 def write_gie_artifact(
     folder: str | Path, config: GIEConfig, adapter: GIEAdapter | None = None, **extra: Any
 ) -> Path:
-    """Write GIE's artifact folder (``artifact.json``, and ``adapter.safetensors`` if given); returns the folder."""
+    """Write GIE's artifact folder (``artifact.json``, ``run.json``, and ``adapter.safetensors`` if given).
+
+    Returns the folder. ``run.json`` records the resolved settings with the library versions, as every
+    other method's training does.
+    """
     config.validate()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -784,6 +789,8 @@ def write_gie_artifact(
         adapter.save(folder / ADAPTER_FILE)
         extra = {"adapter": ADAPTER_FILE, **extra}
     write_artifact(folder, METHOD_NAME, config.settings(), **extra)
+    write_run_json(folder, {"method": METHOD_NAME, **config.settings()}, status="finished",
+                   adapter=adapter is not None)
     return folder
 
 

@@ -391,6 +391,9 @@ def test_adapter_training_labels_by_the_sweep_and_the_artifact_runs(pipe, tmp_pa
     assert training["prompts"] == prompts[:3]
     assert training["labels"] == [-3.0, -1.0, -1.0]  # still positive at -1 and -3 → the strongest
     assert training["final_loss"] < training["first_loss"] and (folder / ADAPTER_FILE).is_file()
+    run = json.loads((folder / "run.json").read_text())
+    assert run["config"]["target"] == "nudity" and run["config"]["w"] is None and run["adapter"] is True
+    assert "torch" in run["versions"]
     assert pipe.unet.attn_processors and not any(isinstance(p, GIEAttnProcessor)
                                                  for p in pipe.unet.attn_processors.values())
     runtime = apply_artifact(pipe, folder)
