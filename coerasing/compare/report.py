@@ -28,8 +28,9 @@ from ..grid import image_grid
 from ..stats import mean_spread, rate
 
 GROUPS = ("explicit", "implicit", "unrelated")
-#: (line style, marker) per method, so that curves sharing checkpoints (ESD and its equal-compute run) stay visible.
-STYLES = (("-", "o"), ("-", "s"), ("--", "^"), ("-", "D"), (":", "v"), ("-", "P"), ("-.", "h"), ("--", "*"))
+#: (line style, marker) per method, so that curves sharing checkpoints (ESD and its equal-compute run) stay visible;
+#: the star is the base model's alone.
+STYLES = (("-", "o"), ("-", "s"), ("--", "^"), ("-", "D"), (":", "v"), ("-", "P"), ("-.", "h"), ("--", "X"))
 SCORES = ("fd", "clip")
 SPLITS = ("validation", "test")
 
@@ -186,7 +187,7 @@ def plot_concept(records: Sequence[dict[str, Any]], methods: Sequence[str], conc
     for ax, group in zip(axes, ("explicit", "implicit"), strict=True):
         base = [r["base"]["test"]["metrics"] for r in group_records]
         ax.scatter([np.mean([_value(b, "unrelated") for b in base])], [np.mean([_value(b, group) for b in base])],
-                   marker="*", s=180, color="black", label="base", zorder=5)
+                   marker="*", s=260, color="black", edgecolor="white", linewidth=1.0, label="base", zorder=8)
         for index, method in enumerate(methods):
             labels = [p["label"] for p in group_records[0]["methods"][method]["points"]]
             xs, ys, xe, ye = [], [], [], []
