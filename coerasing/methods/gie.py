@@ -111,7 +111,7 @@ from ..checkpoints import write_run_json
 from ..errors import CoErasingError
 from ..files import atomic_write
 from ..flags import SEED_MAX, check_fields, flag
-from .base import Artifact, CurvePoint, Method, Runtime, TraceContext, write_artifact
+from .base import ARTIFACT_FILE, Artifact, CurvePoint, Method, Runtime, TraceContext, write_artifact
 
 METHOD_NAME = "gie"
 ADAPTER_FILE = "adapter.safetensors"
@@ -164,6 +164,7 @@ class GIEConfig:
     model: str | None = flag(None, group="adapter", help="Stable Diffusion folder the adapter is trained on")
     device: str | None = flag(None, group="adapter", help="device for the adapter's training (default: cpu)")
     output_dir: str = flag("gie_artifact", group="output", output=True, help="the artifact folder")
+    overwrite: bool = flag(False, group="output", help="replace the artifact a folder already holds")
 
     def validate(self) -> GIEConfig:
         """Check every value; raise :class:`CoErasingError` naming the flag and the fix."""
@@ -185,8 +186,9 @@ class GIEConfig:
         return sorted(set(values), reverse=True)
 
     def settings(self) -> dict[str, Any]:
-        """What ``artifact.json`` records (every setting but the output folder and device)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("output_dir", "device")}
+        """What ``artifact.json`` records (every setting but the output folder, device and --overwrite)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in ("output_dir", "device", "overwrite")}
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> GIEConfig:
@@ -889,6 +891,9 @@ class GIEMethod(Method):
     def train(self, config: GIEConfig) -> Path:
         """A fixed ``w``: just the artifact. No ``w``: train the adapter (toy-world models: toy detector, captions)."""
         config.validate()
+        if (Path(config.output_dir) / ARTIFACT_FILE).exists() and not config.overwrite:
+            raise CoErasingError(f"{config.output_dir} already holds a GIE artifact; pass --overwrite true to "
+                                 "replace it, or another --output_dir.")
         if config.w is not None:
             return write_gie_artifact(config.output_dir, config)
         classifier = Path(config.model or "") / "classifier"

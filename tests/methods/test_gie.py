@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -345,6 +346,11 @@ def test_fixed_w_artifact_round_trip(pipe, tmp_path):
         assert isinstance(runtime, GIERuntime) and runtime.fixed_w == -1.5
     finally:
         runtime.close()
+    with pytest.raises(CoErasingError, match="already holds a GIE artifact"):
+        get_method("gie").train(replace(config, w=-4.0))  # never silently replaced
+    assert read_artifact(folder).settings["w"] == -1.5
+    get_method("gie").train(replace(config, w=-4.0, overwrite=True))
+    assert read_artifact(folder).settings["w"] == -4.0 and "overwrite" not in read_artifact(folder).settings
     write_gie_artifact(tmp_path / "no_w", GIEConfig(target="nudity"))
     with pytest.raises(CoErasingError, match="no fixed w"):
         apply_artifact(pipe, tmp_path / "no_w")
