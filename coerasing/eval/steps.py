@@ -191,8 +191,9 @@ def run_concept_inversion(config: EvalConfig, rows: list[Any], eligible: set[str
                                      "`evaluate.py detect` with these detector flags.")
             token_file = config.attack_dir / "inversion_token.safetensors"
             record_file = config.attack_dir / "inversion.json"
-            if token_file.exists() and record_file.exists() and json.loads(record_file.read_text()) == \
-                    json.loads(json.dumps({"settings": settings, "made_by": origin}, default=str)):
+            made = json.loads(json.dumps({"settings": settings, "made_by": origin}, default=str))
+            record = json.loads(record_file.read_text()) if record_file.exists() else {}
+            if token_file.exists() and {key: record.get(key) for key in made} == made:
                 tokenizer = copy.deepcopy(runtime.pipe.tokenizer)
                 encoder = copy.deepcopy(runtime.pipe.text_encoder)
                 token = load_token(token_file, tokenizer, encoder)

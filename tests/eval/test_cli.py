@@ -148,6 +148,11 @@ def test_concept_inversion_attack_end_to_end(tiny_stack, tiny_classifier, rows_c
     stamps = {p: p.stat().st_mtime_ns for p in (out / "attack").glob("*.*") if p.name != "run.json"}
     code, err = _run(args, capsys)  # a rerun learns nothing and attacks nothing again
     assert code == 0 and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    record = next(p for p in (out / "attack").glob("*.json") if p.name not in ("run.json", "inversion.json"))
+    record.unlink()  # an interrupted attack: the learned word is reused, only the missing prompt is redone
+    code, err = _run(args, capsys)
+    token = out / "attack" / "inversion_token.safetensors"
+    assert code == 0 and record.exists() and token.stat().st_mtime_ns == stamps[token]
     code, err = _run([*args, "--inversion_steps", "4"], capsys)
     assert code == 2 and "holds results made with other" in " ".join(err.split())
     code, err = _run([*args[:-4], "--inversion_steps", "3"], capsys)
