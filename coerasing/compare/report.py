@@ -212,6 +212,13 @@ def plot_concept(records: Sequence[dict[str, Any]], methods: Sequence[str], conc
     axes[0].legend(fontsize=8, loc="best")
     fig.suptitle(f"{concept}: trade-off curves on test prompts, mean ± sd over {len(group_records)} seed(s)\n"
                  "large outlined markers: each seed's chosen point; curves that share checkpoints overlap", fontsize=10)
+    _save_figure(fig, path)
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    """Write a matplotlib figure as a PNG, atomically, and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
@@ -222,10 +229,7 @@ def plot_concept(records: Sequence[dict[str, Any]], methods: Sequence[str], conc
 def _plot_against_strength(records: Sequence[dict[str, Any]], methods: Sequence[str], concept: str,
                            path: Path) -> None:
     """Without a usability measure (the real protocol without --clip_model): concept rate along each curve."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the Agg backend is chosen by plot_concept, the only caller
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for index, method in enumerate(methods):
@@ -239,11 +243,7 @@ def _plot_against_strength(records: Sequence[dict[str, Any]], methods: Sequence[
     ax.set_ylabel(f"{concept} rate (test) ↓")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
+    _save_figure(fig, path)
 
 
 def grid_concept(records: Sequence[dict[str, Any]], methods: Sequence[str], concept: str, path: Path) -> None:

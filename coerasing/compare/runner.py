@@ -217,7 +217,8 @@ def run_shard(config: CompareConfig, presets: dict[str, Any], jobs: Sequence[tup
             continue
         started = time.time()
         record = run_job(config, presets, concept, seed, methods, device, progress)
-        record["timing"] = {"started": started, "finished": time.time(), "seconds": round(time.time() - started, 1),
+        finished = time.time()
+        record["timing"] = {"started": started, "finished": finished, "seconds": round(finished - started, 1),
                             "process": f"{index + 1}/{count}"}
         atomic_write_json(path, record)
     progress.close()
