@@ -10,7 +10,9 @@ each before it runs (copy them to run a step alone):
 4. ``python -m coerasing.toy.erasure``: base / stage 1 / stage 2 scored by the toy classifier →
    ``report.json``, ``grid.png`` and a table.
 
-Every step runs with one CPU thread (``OMP_NUM_THREADS=1``), so the numbers are the same on any machine.
+Every step runs with one CPU thread (``OMP_NUM_THREADS=1``), so a rerun on the same CPU model gives
+bit-identical numbers. Other CPU models use other float kernels and move the rates by a few points
+(the README shows a measured example).
 """
 
 from __future__ import annotations
@@ -65,8 +67,9 @@ def run_demo(out: str | Path, model: str | Path = TOY_MODEL_DIR) -> Path:
         if not (REPO_ROOT / script).exists():
             raise CoErasingError(f"{script} is not in {REPO_ROOT}: run the demo from a checkout of the repository.")
     out = Path(out).resolve()
-    # One CPU thread: float results depend on the thread count, so this makes the demo's numbers the
-    # same on every machine (and is barely slower for models this small).
+    # One CPU thread: float results depend on the thread count, so this makes the demo's numbers
+    # repeatable on a given CPU model (other CPU models' kernels still move them by a few points),
+    # and is barely slower for models this small.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     t0 = time.perf_counter()
     for i, command in enumerate(demo_commands(out, model), start=1):
