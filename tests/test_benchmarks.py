@@ -1,4 +1,4 @@
-"""The benchmark scripts keep running (their numbers live in the README, not in assertions)."""
+"""The benchmark scripts keep running (their numbers live in docs/benchmarks.md, not in assertions)."""
 
 from __future__ import annotations
 

@@ -138,7 +138,7 @@ def test_gradient_checkpointing_changes_nothing(tiny_stack, reference_images, tm
 
 
 def test_bf16_loss_within_documented_tolerance_of_fp32(tiny_stack, reference_images, tmp_path):
-    """README: with --mixed_precision bf16 the per-iteration loss stays within 1 % of fp32's."""
+    """docs/runs.md: with --mixed_precision bf16 the per-iteration loss stays within 1 % of fp32's."""
     fp32, _ = _losses(tiny_stack, reference_images, tmp_path / "a")
     bf16, _ = _losses(tiny_stack, reference_images, tmp_path / "b", mixed_precision="bf16")
     assert bf16 == pytest.approx(fp32, rel=0.01)
