@@ -236,6 +236,10 @@ class GenerateConfig:
         self.folder  # noqa: B018 - raises for labels that give no folder name
         if self.prompt_template is not None:
             _require("{label}" in self.prompt_template, "--prompt_template must contain {label}.")
+            unknown = sorted(set(re.findall(r"{([^{}]*)}", self.prompt_template)) - {"label"})
+            _require(not unknown, f"--prompt_template {self.prompt_template!r} has the unknown placeholder(s) "
+                     f"{', '.join('{' + name + '}' for name in unknown)}; the only placeholder is {{label}}, "
+                     "replaced by --label.")
         for name in ("height", "width"):
             value = getattr(self, name)
             _require(value is None or value % 8 == 0, f"--{name} must be a positive multiple of 8, got {value}.")

@@ -12,7 +12,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,6 +71,65 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields 3… of ``/proc/<pid>/stat`` (state first); ``None`` where there is no such file."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()  # the command name (field 2) may hold spaces and parentheses
+
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, from ``/proc``); ``None`` where unknown."""
+    stat = _stat_fields(pid)
+    try:
+        return int(stat[19]) if stat else None
+    except (ValueError, IndexError):
+        return None
+
+
+def process_identity(pid: int | None = None) -> dict[str, Any]:
+    """Who a process is, beyond its reusable pid: host, boot, start time and command (this one by default)."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        command = " ".join(sys.argv) if pid == os.getpid() else ""
+    return {"pid": pid, "host": socket.gethostname(), "boot": _boot_id(), "start": process_start(pid),
+            "command": command[:300], "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def holder_alive(holder: dict[str, Any], marker: str = "") -> bool:
+    """Whether the process ``holder`` (a :func:`process_identity`) still runs.
+
+    On another host it is assumed alive. On this one the pid must run *and* be the same process: same
+    boot and same start time (a pid reused after a restart, or by another program, is not the
+    holder). Without a recorded start time (an old lock), the running process's command must
+    contain ``marker``.
+    """
+    if holder.get("host") not in (None, socket.gethostname()):
+        return True
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid <= 0 or not pid_alive(pid):
+        return False
+    stat = _stat_fields(pid)
+    if stat and stat[0] in ("Z", "X"):  # exited, not yet reaped by its parent
+        return False
+    if holder.get("boot") and _boot_id() and holder["boot"] != _boot_id():
+        return False
+    if holder.get("start") is not None:
+        return process_start(pid) in (None, holder["start"])
+    return marker in process_identity(pid)["command"]
 
 
 def remove_stale_temps(folder: str | Path) -> list[Path]:

@@ -69,7 +69,7 @@ def flag(
 # Types and conversion
 
 
-def _base_type(annotation: Any) -> tuple[type, bool]:
+def base_type(annotation: Any) -> tuple[type, bool]:
     """``int | None`` → ``(int, True)``; ``bool`` → ``(bool, False)``."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -82,7 +82,7 @@ def _base_type(annotation: Any) -> tuple[type, bool]:
 def flag_types(cls: type) -> dict[str, tuple[type, bool]]:
     """Field name → (base type, optional) for a config dataclass."""
     hints = typing.get_type_hints(cls)
-    return {f.name: _base_type(hints[f.name]) for f in fields(cls) if "help" in f.metadata}
+    return {f.name: base_type(hints[f.name]) for f in fields(cls) if "help" in f.metadata}
 
 
 def flag_fields(cls: type) -> list[Field]:
@@ -99,12 +99,13 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "…"
 
 
-def convert(name: str, kind: type, optional: bool, value: Any, source: str = "") -> Any:
+def convert(name: str, kind: type, optional: bool, value: Any, source: str = "", where: str | None = None) -> Any:
     """One value of flag ``--name`` (a command-line string or a YAML scalar) as ``kind``.
 
-    Raises :class:`CoErasingError` naming the flag, the value and what is accepted.
+    Raises :class:`CoErasingError` naming the flag (or ``where``, e.g. a presets key), the value
+    and what is accepted.
     """
-    where = f"{flag_name(name)}{f' (from {source})' if source else ''}"
+    where = where or f"{flag_name(name)}{f' (from {source})' if source else ''}"
     if value is None or (isinstance(value, str) and optional and value.strip().lower() in ("none", "null", "~")):
         if optional:
             return None
@@ -168,29 +169,33 @@ def convert(name: str, kind: type, optional: bool, value: Any, source: str = "")
     raise TypeError(f"unsupported flag type {kind!r} for {name}")
 
 
+def check_value(f: Field, value: Any, name: str | None = None) -> None:
+    """Range and choice checks of one declared field's converted ``value`` (``name``: how errors call it)."""
+    if value is None:
+        return
+    meta = f.metadata
+    name = name or flag_name(f.name)
+    choices = meta["choices"]
+    if choices is not None and value not in choices:
+        raise CoErasingError(f"{name} {value!r} is not known; choose one of: {', '.join(map(str, choices))}.")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise CoErasingError(f"{name} must be a finite number, got {value}.")
+    low, high = meta["min"], meta["max"]
+    if low is not None and (value < low or (meta["exclusive_min"] and value == low)):
+        positive = (meta["exclusive_min"] and low == 0) or (isinstance(value, int) and low == 1)
+        bound = "a positive number" if positive else (
+            f"greater than {low}" if meta["exclusive_min"] else f"at least {low}")
+        raise CoErasingError(f"{name} must be {bound}, got {value}.")
+    if high is not None and value > high:
+        raise CoErasingError(f"{name} must be at most {high}, got {value}.")
+
+
 def check_fields(config: Any) -> None:
     """Range and choice checks of every declared flag of ``config`` (see :func:`flag`)."""
     for f in flag_fields(type(config)):
-        value = getattr(config, f.name)
-        if value is None:
-            continue
-        meta = f.metadata
-        name = flag_name(f.name)
-        choices = meta["choices"]
-        if choices is not None and value not in choices:
-            raise CoErasingError(f"{name} {value!r} is not known; choose one of: {', '.join(map(str, choices))}.")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if isinstance(value, float) and not math.isfinite(value):
-            raise CoErasingError(f"{name} must be a finite number, got {value}.")
-        low, high = meta["min"], meta["max"]
-        if low is not None and (value < low or (meta["exclusive_min"] and value == low)):
-            positive = (meta["exclusive_min"] and low == 0) or (isinstance(value, int) and low == 1)
-            bound = "a positive number" if positive else (
-                f"greater than {low}" if meta["exclusive_min"] else f"at least {low}")
-            raise CoErasingError(f"{name} must be {bound}, got {value}.")
-        if high is not None and value > high:
-            raise CoErasingError(f"{name} must be at most {high}, got {value}.")
+        check_value(f, getattr(config, f.name))
 
 
 def resolved_path(value: str | None) -> str | None:

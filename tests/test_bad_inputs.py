@@ -139,6 +139,8 @@ GENERATE = {
     "negative seed": (lambda s, w: ["--label", "x", "--seed", "-3"], "--seed"),
     "seeds past 64 bits": (lambda s, w: ["--label", "x", "--seed", str(2**64 - 2), "--num_images", "5"], "--seed"),
     "template without label": (lambda s, w: ["--label", "x", "--prompt_template", "a photo"], "--prompt_template"),
+    "template with an unknown placeholder": (lambda s, w: ["--label", "x", "--prompt_template", "a {label} {oops}"],
+                                             "unknown placeholder(s) {oops}"),
     "several devices": (lambda s, w: ["--label", "x", "--device", "0,1"], "--device"),
     "GPU that is not there": (lambda s, w: ["--label", "x", "--ckpt_path", str(s.sd_path), "--device", "3"],
                               "--device"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..files import atomic_write, atomic_write_json, pid_alive
+from ..files import atomic_write, atomic_write_json, holder_alive, process_identity
 
 #: Bumped when what a cached entry means changes (a new metric, a fixed bug), so old entries are not reused.
 CACHE_VERSION = 1
@@ -39,28 +40,69 @@ def key_of(payload: Any) -> str:
     return hashlib.sha256(canonical({"version": CACHE_VERSION, "payload": payload}).encode()).hexdigest()[:16]
 
 
+#: A waiting process says who it waits for after this many seconds, and again every minute.
+WAIT_NOTICE_S = 5.0
+
+
+def _read_holder(path: Path) -> dict[str, Any] | None:
+    """The lock's holder: a :func:`~coerasing.files.process_identity` (an old lock holds only a pid)."""
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    try:
+        holder = json.loads(text) if text else None
+    except ValueError:
+        return None
+    if isinstance(holder, int):
+        return {"pid": holder}
+    return holder if isinstance(holder, dict) else None
+
+
+def _describe(holder: dict[str, Any]) -> str:
+    where = f" on {holder['host']}" if holder.get("host") else ""
+    since = f" since {holder['since']}" if holder.get("since") else ""
+    command = f" ({holder['command'][:120]})" if holder.get("command") else ""
+    return f"process {holder.get('pid')}{where}{since}{command}"
+
+
 @contextmanager
 def locked(path: Path, poll: float = 1.0) -> Iterator[None]:
-    """Hold ``path`` (a lock file with our pid) while the block runs; wait while a live process holds it.
+    """Hold ``path`` (a lock file naming its holder) while the block runs; wait while its holder runs.
 
-    A lock left by a killed process (its pid is gone) is taken over.
+    A lock whose holder is gone, or whose pid now belongs to another process (a restart, another
+    program), is taken over with a message; a wait longer than :data:`WAIT_NOTICE_S` says whom it
+    waits for. A lock whose file is empty or unreadable (its holder was killed while writing it) is
+    given the same grace period, then taken over.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    started, told, unreadable_since = time.monotonic(), 0.0, None
     while True:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                holder = int(path.read_text() or "0")
-            except (OSError, ValueError):
-                holder = 0
-            if holder and not pid_alive(holder):
+            holder = _read_holder(path)
+            if holder is None:
+                unreadable_since = unreadable_since or time.monotonic()
+                if time.monotonic() - unreadable_since > WAIT_NOTICE_S:
+                    print(f"taking over the lock {path}: it names no holder", file=sys.stderr, flush=True)
+                    path.unlink(missing_ok=True)
+                    unreadable_since = None
+                    continue
+            elif not holder_alive(holder, marker="compare"):
+                print(f"taking over the lock {path}: its holder, {_describe(holder)}, is gone", file=sys.stderr,
+                      flush=True)
                 path.unlink(missing_ok=True)
                 continue
+            waited = time.monotonic() - started
+            if holder is not None and waited > WAIT_NOTICE_S and waited - told > (60.0 if told else 0.0):
+                print(f"waiting {waited:.0f} s for {_describe(holder)}, which holds {path}", file=sys.stderr,
+                      flush=True)
+                told = waited
             time.sleep(poll)
             continue
         with os.fdopen(fd, "w") as handle:
-            handle.write(str(os.getpid()))
+            handle.write(json.dumps(process_identity()))
         break
     try:
         yield

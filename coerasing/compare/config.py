@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,8 @@ import yaml
 from ..errors import CoErasingError
 from ..flags import check_fields, check_output_fields, flag
 from ..toy import TOY_MODEL_DIR
+from ..toy.world import SHAPES
+from .presets import apply_quick, validate_presets
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: Methods compared by default (every method with a trace).
@@ -62,22 +63,13 @@ class CompareConfig:
         return REPO_ROOT / "configs" / "compare" / ("toy.yaml" if self.toy else "sd.yaml")
 
     def load_presets(self) -> dict[str, Any]:
-        """The presets file with the ``quick`` block applied when ``--quick``."""
+        """The presets file, checked and typed (:mod:`.presets`), with the ``quick`` block applied when ``--quick``."""
         path = self.presets_path()
         try:
-            presets = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise CoErasingError(f"--presets {path} cannot be read as YAML ({exc}).") from exc
-        if not isinstance(presets, dict):
-            raise CoErasingError(f"--presets {path} must be a mapping of settings blocks (stage1, stage2, …).")
-        quick = presets.pop("quick", {}) or {}
-        if self.quick:
-            for key, value in quick.items():
-                if isinstance(value, dict):
-                    presets[key] = {**(presets.get(key) or {}), **value}
-                else:
-                    presets[key] = value
-        return copy.deepcopy(presets)
+        return apply_quick(validate_presets(data, str(path), self.toy), self.quick)
 
     def lists(self, presets: dict[str, Any]) -> tuple[list[str], list[str], list[int]]:
         """Concepts, methods and seeds: the flags', else the presets' (``--quick``), else the defaults."""
@@ -86,6 +78,11 @@ class CompareConfig:
         def items(value: str | None) -> list[str]:
             return [item.strip() for item in str(value or "").split(",") if item.strip()]
 
+        for name in ("concepts", "methods", "seeds"):
+            given = getattr(self, name)
+            if given is not None and not items(given):
+                raise CoErasingError(f"--{name} {given!r} names nothing; give comma-separated values, or leave the "
+                                     "flag out for the presets' (or the default) list.")
         default_concepts = "circle,square,triangle,star,cross" if self.toy else "nudity,vangogh,church"
         concepts = items(self.concepts or presets.get("concepts") or default_concepts)
         methods = items(self.methods or presets.get("methods") or DEFAULT_METHODS)
@@ -93,6 +90,11 @@ class CompareConfig:
         if unknown:
             raise CoErasingError(f"--methods: unknown method(s) {', '.join(unknown)}; known: "
                                  f"{', '.join(method_names())}.")
+        if self.toy:
+            strange = [c for c in concepts if c not in SHAPES]
+            if strange:
+                raise CoErasingError(f"--concepts: {', '.join(strange)} is not a shape of the toy world; use some "
+                                     f"of {', '.join(SHAPES)} (or pass --ckpt_path for a Stable Diffusion model).")
         try:
             seeds = [int(s) for s in items(self.seeds or presets.get("seeds") or "0,1,2")]
         except ValueError:

@@ -1,0 +1,251 @@
+"""``compare.py --presets FILE.yaml``, typed like the flags.
+
+Every block of the presets file is declared here once, as a schema of its keys: a method's block
+takes that method's own config flags (the ones ``erase_pipeline.py --method NAME`` has), with
+their types, ranges and choices; the other blocks (``references``, ``evaluation``, ``attack``,
+``rule``) are declared from the dataclasses they fill. :func:`validate_presets` checks a whole
+file before any work starts and returns it with every value converted by the flags' own
+conversion (:func:`coerasing.flags.convert`), so
+
+- an unknown block or key is an error that names it, its block and the keys allowed there;
+- a missing block, or a block that is not a mapping, is an error;
+- a value of the wrong type or out of range names the block and the key (``stage1.lr``);
+- keys that ``compare.py`` sets itself (the base model, the seed, the output folder) are refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import typing
+from dataclasses import Field, dataclass, fields
+from typing import Any
+
+from ..config import EraseConfig, GenerateConfig
+from ..errors import CoErasingError
+from ..flags import base_type, check_value, convert, flag_fields, flag_types
+
+#: Keys the comparison fills in itself for every cell; a preset may not set them.
+RESERVED = frozenset({
+    "save_path", "output_dir", "logging_dir", "ckpt_path", "model", "seed", "device", "devices", "resume",
+    "overwrite", "image", "unet_ckpt_path", "ip_adapter", "image_encoder_path", "modality", "label",
+})
+#: Keys of a method's block that take a list: each value is one point of its curve.
+LIST_KEYS: dict[str, frozenset[str]] = {"gie": frozenset({"w"})}
+#: Blocks every presets file has (use ``name: {}`` for all defaults).
+REQUIRED = ("stage1", "stage2", "references", "evaluation", "attack", "rule")
+#: Top-level keys that are single values, not blocks.
+SCALARS = ("concepts", "methods", "seeds")
+
+
+@dataclass(frozen=True)
+class Key:
+    """One key of a presets block: its type, and its range (from a flag's declaration or given here)."""
+
+    kind: type
+    optional: bool = False
+    declared: Field | None = None
+    low: float | None = None
+    high: float | None = None
+    exclusive_low: bool = False
+    choices: tuple[Any, ...] | None = None
+    many: bool = False
+    hint: str = ""
+
+    def check(self, where: str, value: Any) -> Any:
+        """``value`` converted and range-checked; errors name ``where`` (``block.key``)."""
+        if self.many:
+            items = value if isinstance(value, (list, tuple)) else None
+            if not items:
+                raise CoErasingError(f"{where} must be a non-empty list of values, e.g. [-3.0, -4.0]; got {value!r}.")
+            return [Key(self.kind, False, self.declared, self.low, self.high, self.exclusive_low, self.choices,
+                        hint=self.hint).check(f"{where}[{i}]", item) for i, item in enumerate(items)]
+        converted = convert(where, self.kind, self.optional, value, where=where)
+        if self.declared is not None:
+            check_value(self.declared, converted, where)
+        if converted is None or isinstance(converted, bool):
+            return converted
+        if self.choices is not None and converted not in self.choices:
+            raise CoErasingError(f"{where} {converted!r} is not known; choose one of: "
+                                 f"{', '.join(map(str, self.choices))}.")
+        if isinstance(converted, (int, float)):
+            low, high = self.low, self.high
+            if low is not None and (converted < low or (self.exclusive_low and converted == low)):
+                bound = f"greater than {low}" if self.exclusive_low else f"at least {low}"
+                raise CoErasingError(f"{where} must be {bound}, got {converted}.{self.hint}")
+            if high is not None and converted > high:
+                raise CoErasingError(f"{where} must be at most {high}, got {converted}.{self.hint}")
+        return converted
+
+
+Schema = dict[str, Key]
+
+
+def flag_schema(cls: type, reserved: frozenset[str] = RESERVED, lists: frozenset[str] = frozenset()) -> Schema:
+    """The keys of a block that fills the config dataclass ``cls``: its flags less ``reserved``."""
+    types_ = flag_types(cls)
+    schema = {}
+    for f in flag_fields(cls):
+        if f.name in reserved or f.metadata["positional"]:
+            continue
+        kind, optional = types_[f.name]
+        schema[f.name] = Key(kind, optional, f, many=f.name in lists)
+    return schema
+
+
+def dataclass_schema(cls: type, ranges: dict[str, tuple[float | None, float | None]],
+                     skip: tuple[str, ...] = (), choices: dict[str, tuple[Any, ...]] | None = None) -> Schema:
+    """The keys of a plain settings dataclass; numbers are at least 1 (integers) or 0 unless ``ranges`` says."""
+    hints = typing.get_type_hints(cls)
+    schema = {}
+    for f in fields(cls):
+        if f.name in skip or f.name.startswith("_"):
+            continue
+        kind, optional = base_type(hints[f.name])
+        if kind not in (bool, int, float, str):
+            continue
+        default_low = 1 if kind is int else 0
+        low, high = ranges.get(f.name, (default_low, None))
+        schema[f.name] = Key(kind, optional or f.default is None, low=low, high=high,
+                             choices=(choices or {}).get(f.name))
+    return schema
+
+
+def _attack_schema() -> Schema:
+    from ..eval.attack import SCHEDULES, SPACES, AttackSettings
+
+    schema = dataclass_schema(AttackSettings, {"lr": (0, None), "weight_decay": (0, None), "seed": (0, None)},
+                              skip=("resample_noise",), choices={"space": SPACES, "schedule": SCHEDULES})
+    schema["lr"] = Key(float, low=0, exclusive_low=True)
+    schema.update({
+        "rows": Key(int, low=1, hint=" (explicit test prompts attacked per cell)"),
+        "inversion_steps": Key(int, low=0, hint=" (0 turns the concept-inversion attack off)"),
+        "inversion_lr": Key(float, low=0, exclusive_low=True),
+        "inversion_images": Key(int, low=1),
+    })
+    return schema
+
+
+def _evaluation_schema(toy: bool) -> Schema:
+    if toy:
+        from ..toy.benchmark import ToyEvalSettings
+
+        return dataclass_schema(ToyEvalSettings, {"guidance_scale": (0, 100)})
+    from ..eval.config import EvalConfig
+
+    keys = ("num_inference_steps", "guidance_scale", "height", "width", "batch_size", "scheduler", "threshold",
+            "target", "top_k", "detector")
+    schema = {name: key for name, key in flag_schema(EvalConfig, frozenset()).items() if name in keys}
+    schema["coco_images"] = Key(int, low=1, hint=" (COCO prompts of the CLIP usability score per split)")
+    return schema
+
+
+def block_schemas(toy: bool) -> dict[str, Schema]:
+    """Every block's schema: the comparison's own blocks and one per method with its own config."""
+    from ..methods import get_method, method_names
+
+    schemas: dict[str, Schema] = {
+        "stage1": flag_schema(EraseConfig),
+        "stage2": flag_schema(EraseConfig),
+        "references": flag_schema(GenerateConfig),
+        "evaluation": _evaluation_schema(toy),
+        "attack": _attack_schema(),
+        "rule": {"max_usability_drop": Key(float, low=0, high=0.99, hint=" It is a fraction of the base model's "
+                                           "usability score: 5 points is 0.05.")},
+    }
+    for name in method_names():
+        cls = get_method(name).config_class
+        if cls is not None and cls is not EraseConfig:
+            schemas[name] = flag_schema(cls, lists=LIST_KEYS.get(name, frozenset()))
+    return schemas
+
+
+def _allowed(names: Any) -> str:
+    return ", ".join(sorted(names)) or "(none)"
+
+
+def _check_block(where: str, block: Any, schema: Schema) -> dict[str, Any]:
+    if block is None:
+        return {}
+    if not isinstance(block, dict):
+        raise CoErasingError(f"{where} must be a mapping of keys to values (use '{{}}' for all defaults), got "
+                             f"{block!r}.")
+    out = {}
+    for key, value in block.items():
+        name = str(key)
+        if name in RESERVED and name not in schema:
+            raise CoErasingError(f"{where}.{name} is set by compare.py itself for every cell (the base model, the "
+                                 "seed, the devices and the output folders come from its flags); remove it.")
+        if name not in schema:
+            raise CoErasingError(f"{where} has an unknown key {name!r}. Keys allowed in {where}: "
+                                 f"{_allowed(schema)}.")
+        out[name] = schema[name].check(f"{where}.{name}", value)
+    return out
+
+
+def _check_scalar(where: str, name: str, value: Any) -> Any:
+    if name == "seeds" and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise CoErasingError(f"{where}.{name} must be a comma-separated string, e.g. 'circle,star' or '0,1,2'; got "
+                             f"{value!r}.")
+    return value
+
+
+def _check_labels(where: str, labels: Any) -> dict[str, str]:
+    if not isinstance(labels, dict) or not all(isinstance(v, str) and v.strip() for v in labels.values()):
+        raise CoErasingError(f"{where}.labels must map concept names to their words, e.g. 'vangogh: Van Gogh'.")
+    return {str(k): v for k, v in labels.items()}
+
+
+def validate_presets(data: Any, source: str, toy: bool) -> dict[str, Any]:
+    """The presets file ``data`` (parsed YAML from ``source``), checked and converted; ``quick`` not applied."""
+    where = f"--presets {source}:"
+    if not isinstance(data, dict):
+        raise CoErasingError(f"{where} the file must be a mapping of settings blocks ({', '.join(REQUIRED)}, …).")
+    schemas = block_schemas(toy)
+    missing = [name for name in REQUIRED if name not in data]
+    if missing:
+        raise CoErasingError(f"{where} has no {', '.join(repr(m) for m in missing)} block; every presets file has "
+                             f"{', '.join(REQUIRED)} (write 'name: {{}}' to take the defaults).")
+    allowed = {*schemas, *SCALARS, "labels", "quick"}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key)
+        if name not in allowed:
+            raise CoErasingError(f"{where} has an unknown block {name!r}. Blocks allowed: {_allowed(allowed)}.")
+        if name in SCALARS:
+            out[name] = _check_scalar(where, name, value)
+        elif name == "labels":
+            out[name] = _check_labels(where, value)
+        elif name == "quick":
+            out[name] = _check_quick(where, value, schemas)
+        else:
+            out[name] = _check_block(f"{where} {name}", value, schemas[name])
+    return out
+
+
+def _check_quick(where: str, quick: Any, schemas: dict[str, Schema]) -> dict[str, Any]:
+    if quick is None:
+        return {}
+    if not isinstance(quick, dict):
+        raise CoErasingError(f"{where} quick must be a mapping of blocks that --quick overrides, got {quick!r}.")
+    allowed = {*schemas, *SCALARS}
+    out: dict[str, Any] = {}
+    for key, value in quick.items():
+        name = str(key)
+        if name not in allowed:
+            raise CoErasingError(f"{where} quick has an unknown block {name!r}. Blocks allowed in quick: "
+                                 f"{_allowed(allowed)}.")
+        out[name] = (_check_scalar(f"{where} quick", name, value) if name in SCALARS
+                     else _check_block(f"{where} quick.{name}", value, schemas[name]))
+    return out
+
+
+def apply_quick(presets: dict[str, Any], quick: bool) -> dict[str, Any]:
+    """``presets`` with its ``quick`` block merged in (when ``quick``) and removed; a deep copy."""
+    presets = copy.deepcopy(presets)
+    overrides = presets.pop("quick", {}) or {}
+    if quick:
+        for key, value in overrides.items():
+            presets[key] = {**(presets.get(key) or {}), **value} if isinstance(value, dict) else value
+    return presets
