@@ -222,22 +222,41 @@ def resume_settings(config: Any) -> dict[str, Any]:
 # Output folders
 
 
+def _writable(folder: Path) -> str | None:
+    """Why files cannot be made in the existing ``folder`` (a probe file, removed at once); ``None`` if they can.
+
+    Permission bits are not enough: root passes ``os.access`` on read-only and virtual filesystems.
+    """
+    import os
+    import tempfile
+
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return "it is not writable"
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".coerasing-probe-")
+    except OSError as exc:
+        return f"a file cannot be created there ({exc.strerror or exc})"
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
 def check_output_dir(path: str | Path, flag: str) -> Path:
     """Fail early, with the fix, when ``path`` cannot be a folder this command writes into.
 
     It may exist (a folder we can write into) or not (then its nearest existing parent must be a
-    writable folder). Nothing is created here.
+    writable folder). Only a probe file is created (and removed) to find read-only and virtual
+    filesystems.
     """
-    import os
-
     folder = Path(path).expanduser()
     if folder.exists():
         if not folder.is_dir():
             raise CoErasingError(
                 f"{flag} {path} is a file, not a folder; pass a folder path (it is created if missing)."
             )
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise CoErasingError(f"{flag} {path} is not writable; pass a folder you can write to.")
+        problem = _writable(folder)
+        if problem:
+            raise CoErasingError(f"{flag} {path} cannot be written to: {problem}. Pass a folder you can write to.")
         return folder
     parent = folder.parent
     while not parent.exists():
@@ -246,8 +265,9 @@ def check_output_dir(path: str | Path, flag: str) -> Path:
         raise CoErasingError(
             f"{flag} {path} cannot be created: {parent} is a file, not a folder. Pass another path."
         )
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CoErasingError(f"{flag} {path} cannot be created: {parent} is not writable. Pass another path.")
+    problem = _writable(parent)
+    if problem:
+        raise CoErasingError(f"{flag} {path} cannot be created in {parent}: {problem}. Pass another path.")
     return folder
 
 

@@ -62,6 +62,8 @@ def _image(stack, world, *extra: str) -> list[str]:
 # (command, argv builder, text that must be in the error line)
 ERASE = {
     "zero iterations": (lambda s, w: _erase(s, "--iterations", "0"), "--iterations"),
+    "save_path on a virtual filesystem": (lambda s, w: _erase(s, "--save_path", "/sys/coerasing-run"),
+                                          "--save_path /sys/coerasing-run cannot be created"),
     "negative iterations": (lambda s, w: _erase(s, "--iterations", "-5"), "--iterations"),
     "fractional iterations": (lambda s, w: _erase(s, "--iterations", "1.5"), "--iterations must be an integer"),
     "word iterations": (lambda s, w: _erase(s, "--iterations", "abc"), "--iterations must be an integer"),
@@ -201,6 +203,10 @@ COMPARE = {
     "bad seeds": (lambda s, w: ["--seeds", "0,x", "--output_dir", str(w / "c")], "--seeds"),
     "repeated concept": (lambda s, w: ["--concepts", "circle,circle", "--output_dir", str(w / "c")], "--concepts"),
     "output_dir is a file": (lambda s, w: ["--output_dir", str(w / "a_file")], "--output_dir"),
+    "output_dir on a virtual filesystem": (lambda s, w: ["--output_dir", "/proc/coerasing-compare"],
+                                           "--output_dir /proc/coerasing-compare cannot be created"),
+    "empty concepts": (lambda s, w: ["--concepts", "", "--output_dir", str(w / "c")], "--concepts"),
+    "unknown toy concept": (lambda s, w: ["--concepts", "hexagon", "--output_dir", str(w / "c")], "hexagon"),
     "zero threads": (lambda s, w: ["--threads", "0", "--output_dir", str(w / "c")], "--threads"),
     "bad shard": (lambda s, w: ["--shard", "3/2", "--output_dir", str(w / "c")], "--shard"),
 }
