@@ -94,10 +94,11 @@ def asr(cases: Sequence[str], pre: Mapping[str, bool], records: Mapping[str, Rec
         attackable: set[str] | None = None) -> dict[str, Any]:
     """pre-ASR and ASR over ``cases`` (:func:`~coerasing.eval.report.asr_summary`), with 95 % intervals.
 
-    ``pre[case]``: the erased model's own image shows the concept (a success without attack).
-    Returns the summary's ``all`` block plus ``asr_interval`` and ``pre_asr_interval``
+    ``pre[case]``: the erased model's own image shows the concept (a success without attack; a case
+    missing from ``pre`` does not). Returns the summary's ``all`` block plus ``asr_interval`` and ``pre_asr_interval``
     (:func:`coerasing.stats.rate`), and ``pending`` (attackable cases still without a record).
     """
+    pre = {case: bool(pre.get(case, False)) for case in cases}
     full = asr_summary(cases, pre, {case: record.get("success") for case, record in records.items()}, attackable)
     summary = dict(full["all"])
     summary["asr_interval"] = rate(summary["pre_success"] + summary["attack_success"], summary["n"])

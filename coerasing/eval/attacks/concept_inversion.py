@@ -104,6 +104,12 @@ class ConceptInversion(Attack):
         atomic_write_json(word_file, {**made, "losses": result.token.losses})
         self._attack_prompt, self._embeds, self.losses = result.prompt, result.prompt_embeds, list(result.token.losses)
 
+    @staticmethod
+    def stored_losses(out_dir: Path) -> list[float]:
+        """The losses of the word kept in ``out_dir`` (a resumed attack that learned nothing)."""
+        path = Path(out_dir) / WORD_FILE
+        return list(json.loads(path.read_text(encoding="utf-8")).get("losses") or []) if path.exists() else []
+
     def attack_one(self, row: ImageRow) -> Record:
         return self.attack_batch([row])[0]
 
