@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from PIL import Image
 
 from ...generation import GenerationSettings, ImageRow
@@ -53,8 +54,11 @@ class UnlearnDiff(Attack):
     def attack_one(self, row: ImageRow) -> Record:
         assert self._models is not None and self._runtime is not None and self._detector is not None
         assert self._out_dir is not None
-        return attack_row_record(self._models, self._runtime, self._detector, row, self.attack_settings,
-                                 self.generation, self.references(row), self._out_dir)
+        record = attack_row_record(self._models, self._runtime, self._detector, row, self.attack_settings,
+                                   self.generation, self.references(row), self._out_dir)
+        if self._runtime.device.type == "cuda":
+            torch.cuda.empty_cache()  # the next prompt's optimisation starts from a clean cache
+        return record
 
     def describe(self, record: Record) -> str:
         return (f"case {record['case']}: attack {'succeeded' if record['success'] else 'failed'} after "
