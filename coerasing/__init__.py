@@ -17,7 +17,7 @@ Module map (docs/architecture.md has the layers; docs/method.md the equations):
   STEREO, GIE), ``textual_inversion`` (STEREO's search and the concept-inversion attack);
 - ``eval`` (``evaluate.py``: prompts, generation, detectors, the UnlearnDiff attack, report),
   ``compare`` (``compare.py``: erasers side by side), ``stats``, ``grid``;
-- ``toy`` (the shipped toy world: renderer, builder, classifier, detector, benchmark, demo);
+- ``toy`` (the shipped toy world: renderer, builder, classifier, detector, evaluation protocol, demo);
   ``testing`` (the tiny random stack for tests and benchmarks only).
 """
 

@@ -2,8 +2,9 @@
 
 ``python compare.py`` (docs/comparison.md): for every concept × method × training seed, train once
 with checkpoints along the way (:mod:`coerasing.methods`, each method's ``trace``), evaluate every
-checkpoint on validation and test prompts (:mod:`.benchmarks`), choose each method's operating point
-by one rule fixed in advance on validation prompts only (:mod:`.select`), attack it on test prompts,
+checkpoint on validation and test prompts (:mod:`.protocols`; each metric declared once, :mod:`.metrics`),
+choose each method's operating point by one rule fixed in advance on validation prompts only
+(:mod:`.select`), attack it on test prompts,
 and write the results, plots and grids (:mod:`.report`). Everything is cached by its full settings
 (:mod:`.cache`), so an interrupted comparison resumes, and jobs are spread over processes or GPUs
 (:mod:`.runner`).
@@ -18,6 +19,7 @@ from typing import Any
 
 from ..checkpoints import write_run_json
 from .config import CompareConfig
+from .protocols import make_protocol
 from .report import write_results
 from .runner import (
     default_workers,
@@ -62,7 +64,7 @@ def run_comparison(config: CompareConfig, argv: Sequence[str] | None = None) -> 
               f"{', '.join(map(str, seeds))}{' (--quick)' if config.quick else ''}")
     info: dict[str, Any] = {"header": header, "concepts": concepts, "methods": methods, "seeds": seeds,
                             "presets": presets, "seconds_this_run": round(seconds, 1)}
-    outputs = write_results(config.output_dir, records, methods, info)
+    outputs = write_results(config.output_dir, records, methods, info, make_protocol(config, presets, "cpu").metrics)
     write_run_json(config.output_dir, vars(config), seconds_this_run=round(seconds, 1), jobs=len(jobs))
     print(f"results: {outputs['md']} (this run: {seconds:.0f} s)")
     return outputs

@@ -2,10 +2,11 @@
 
 A key is the sha256 of the canonical JSON of everything that produced the result (method, concept,
 seed, every training and evaluation setting, the base model's and the artifact's content
-fingerprints, and :data:`CACHE_VERSION`). A changed setting is a new key, so a stale result is never
-served; an interrupted comparison finds the finished keys and redoes only the rest. Each entry
-records its request (``request.json``) and is marked complete last (``done.json``), atomically.
-Processes that share an output folder take a lock file per entry, so two never compute one entry.
+fingerprints, the protocol's metric declarations for an evaluation, and :data:`CACHE_VERSION`). A
+changed setting or metric is a new key, so a stale result is never served; an interrupted comparison
+finds the finished keys and redoes only the rest. Each entry records its request (``request.json``)
+and is marked complete last (``done.json``), atomically. Processes that share an output folder take
+a lock file per entry, so two never compute one entry.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import numpy as np
 
 from ..files import atomic_write, atomic_write_json, holder_alive, process_identity
 
-#: Bumped when what a cached entry means changes (a new metric, a fixed bug), so old entries are not reused.
+#: Bumped only when the cache's own format changes. Metrics need no bump: their declarations are in each
+#: evaluation's key (:meth:`coerasing.compare.protocols.EvaluationProtocol.evaluation_identity`), and a
+#: metric whose computation changes bumps its own ``Metric.version``.
 CACHE_VERSION = 1
 DONE = "done.json"
 REQUEST = "request.json"

@@ -1,12 +1,17 @@
 """The comparison's outputs: ``results.json``, ``results.csv``, ``results.md``, one plot and one grid per concept.
 
+Every metric column comes from the protocol's declarations (:class:`~coerasing.compare.metrics.Metric`,
+``protocol.metrics``), in their order; the attack columns from :data:`ATTACK_METRICS`.
+
 - ``results.csv``: one row per concept × method × seed × checkpoint (and the base model), with every
-  metric on the validation and on the test prompts, and whether the row is the chosen operating point.
+  metric on the validation and on the test prompts (a rate: ``<split>_<name>_rate``, ``_k``, ``_n``;
+  a score: ``<split>_<name>``), and whether the row is the chosen operating point.
 - ``results.md``: the table a paper would print, per concept and averaged over concepts, at the
   chosen operating points, on **test** prompts only: mean ± standard deviation over training seeds,
   the pooled count with its 95 % interval, and the attack success rates.
-- ``plot_<concept>.png``: concept rate (explicit, and implicit) against unrelated accuracy on test
-  prompts, a line per method through its checkpoints (mean over seeds), the chosen points marked.
+- ``plot_<concept>.png``: each erasure rate flagged for the rule (explicit, and implicit) against the
+  rule's usability rate (unrelated accuracy) on test prompts, a line per method through its
+  checkpoints (mean over seeds), the chosen points marked.
 - ``grid_<concept>.png``: rows = the base model and each method at its chosen point (first seed),
   columns = explicit, implicit and unrelated test prompts.
 """
@@ -26,13 +31,18 @@ import numpy as np
 from ..files import atomic_write, atomic_write_json, atomic_write_text
 from ..grid import image_grid
 from ..stats import mean_spread, rate
+from .metrics import Metric, declarations
 
-GROUPS = ("explicit", "implicit", "unrelated")
 #: (line style, marker) per method, so that curves sharing checkpoints (ESD and its equal-compute run) stay visible;
 #: the star is the base model's alone.
 STYLES = (("-", "o"), ("-", "s"), ("--", "^"), ("-", "D"), (":", "v"), ("-", "P"), ("-.", "h"), ("--", "X"))
-SCORES = ("fd", "clip")
 SPLITS = ("validation", "test")
+#: The attacks' columns of results.md (computed by :func:`summarize` from each job's attack results).
+ATTACK_METRICS: tuple[Metric, ...] = (
+    Metric("pre_asr", "pre-ASR", "lower", "attack", description="the erased model's own images that show the concept"),
+    Metric("asr", "ASR", "lower", "attack", description="UnlearnDiff on explicit test prompts"),
+    Metric("inversion", "CI", "lower", "attack", description="concept inversion"),
+)
 
 
 def _value(metrics: dict[str, Any], name: str) -> float | None:
@@ -42,8 +52,8 @@ def _value(metrics: dict[str, Any], name: str) -> float | None:
     return entry
 
 
-def csv_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``results.csv``'s rows (see the module docstring)."""
+def csv_rows(records: Sequence[dict[str, Any]], metrics: Sequence[Metric]) -> list[dict[str, Any]]:
+    """``results.csv``'s rows (see the module docstring): one column group per declared metric."""
     rows = []
     for record in records:
         concept, seed = record["concept"], record["seed"]
@@ -56,14 +66,15 @@ def csv_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             row: dict[str, Any] = {"concept": concept, "method": name, "seed": seed, "checkpoint": label,
                                    "strength": strength, "chosen": chosen}
             for split in SPLITS:
-                metrics = entry[split]["metrics"]
-                for group in GROUPS:
-                    block = metrics.get(group)
-                    row[f"{split}_{group}_rate"] = block["rate"] if block else None
-                    row[f"{split}_{group}_k"] = block["k"] if block else None
-                    row[f"{split}_{group}_n"] = block["n"] if block else None
-                for score in SCORES:
-                    row[f"{split}_{score}"] = metrics.get(score)
+                values = entry[split]["metrics"]
+                for metric in metrics:
+                    block = values.get(metric.name)
+                    if metric.percent:
+                        row[f"{split}_{metric.name}_rate"] = block["rate"] if block else None
+                        row[f"{split}_{metric.name}_k"] = block["k"] if block else None
+                        row[f"{split}_{metric.name}_n"] = block["n"] if block else None
+                    else:
+                        row[f"{split}_{metric.name}"] = block
             rows.append(row)
     return rows
 
@@ -77,8 +88,9 @@ def _chosen(record: dict[str, Any], method: str) -> tuple[dict[str, Any], dict[s
     return point["test"]["metrics"], entry.get("attack"), entry.get("inversion")
 
 
-def summarize(records: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[str, Any]:
-    """Per concept and method: test metrics at the chosen points over seeds, pooled counts and ASR."""
+def summarize(records: Sequence[dict[str, Any]], methods: Sequence[str], metrics: Sequence[Metric]) -> dict[str, Any]:
+    """Per concept and method: the declared test metrics at the chosen points over seeds, pooled counts
+    (rates) and the attacks' results."""
     concepts = sorted({r["concept"] for r in records}, key=[r["concept"] for r in records].index)
     table: dict[str, Any] = {}
     for concept in concepts:
@@ -90,10 +102,11 @@ def summarize(records: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict
                 "seeds": [r["seed"] for r in group_records],
                 "chosen": [r["methods"][method]["chosen"] for r in group_records] if method != "base" else None,
             }
-            for name in (*GROUPS, *SCORES):
-                values = [_value(metrics, name) for metrics, _, _ in per_seed]
+            for metric in metrics:
+                name = metric.name
+                values = [_value(m, name) for m, _, _ in per_seed]
                 entry[name] = mean_spread([v for v in values if v is not None])
-                if name in GROUPS and all(metrics.get(name) for metrics, _, _ in per_seed):
+                if metric.percent and all(m.get(name) for m, _, _ in per_seed):
                     entry[f"{name}_pooled"] = rate(sum(m[name]["k"] for m, _, _ in per_seed),
                                                    sum(m[name]["n"] for m, _, _ in per_seed))
             attacks = [attack for _, attack, _ in per_seed if attack]
@@ -110,83 +123,81 @@ def summarize(records: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict
     average: dict[str, Any] = {}
     for method in ["base", *methods]:
         average[method] = {}
-        for name in (*GROUPS, *SCORES, "pre_asr", "asr", "inversion"):
+        for name in (metric.name for metric in (*metrics, *ATTACK_METRICS)):
             means = [table[c][method][name]["mean"] for c in concepts if name in table[c][method]]
             means = [m for m in means if m is not None and not math.isnan(m)]
             average[method][name] = float(np.mean(means)) if means else None
     return {"concepts": concepts, "per_concept": table, "average": average}
 
 
-def _pct(value: float | None) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
-
-
-def _cell(entry: dict[str, Any], name: str, percent: bool = True) -> str:
-    stats = entry.get(name)
+def _cell(entry: dict[str, Any], metric: Metric) -> str:
+    stats = entry.get(metric.name)
     if not stats or not stats.get("n"):
         return "–"
-    if percent:
-        text = f"{_pct(stats['mean'])} ± {_pct(stats['sd'])}"
-        pooled = entry.get(f"{name}_pooled")
+    if metric.percent:
+        text = f"{metric.format(stats['mean'])} ± {metric.format(stats['sd'])}"
+        pooled = entry.get(f"{metric.name}_pooled")
         if pooled:
-            text += f" ({pooled['k']}/{pooled['n']}, {_pct(pooled['low'])}–{_pct(pooled['high'])})"
+            text += f" ({pooled['k']}/{pooled['n']}, {metric.format(pooled['low'])}–{metric.format(pooled['high'])})"
         return text
-    return f"{stats['mean']:.3f} ± {stats['sd']:.3f}"
+    return f"{metric.format(stats['mean'])} ± {metric.format(stats['sd'])}"
 
 
-def markdown(summary: dict[str, Any], methods: Sequence[str], header: str) -> str:
-    """``results.md``: per-concept tables and the average over concepts (test prompts, chosen points)."""
+def _row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown(summary: dict[str, Any], methods: Sequence[str], header: str, metrics: Sequence[Metric]) -> str:
+    """``results.md``: per-concept tables and the average over concepts (test prompts, chosen points);
+    one column per declared metric, then the attacks'."""
+    columns = (*metrics, *ATTACK_METRICS)
+    headings = [metric.heading for metric in columns]
     lines = [header, ""]
-    columns = ("| method | chosen checkpoint (per seed) | explicit ↓ | implicit ↓ | unrelated ↑ | FD ↓ | CLIP ↑ "
-               "| pre-ASR ↓ | ASR ↓ | CI ↓ |")
     for concept in summary["concepts"]:
-        lines += [f"## {concept}", "", columns, "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"## {concept}", "", _row(["method", "chosen checkpoint (per seed)", *headings]),
+                  "|" + "---|" * (2 + len(columns))]
         for method in ["base", *methods]:
             entry = summary["per_concept"][concept][method]
             chosen = ", ".join(c["label"] + ("" if c["qualified"] else "*") for c in entry["chosen"]) \
                 if entry["chosen"] else "–"
-            lines.append(
-                f"| {method} | {chosen} | {_cell(entry, 'explicit')} | {_cell(entry, 'implicit')} "
-                f"| {_cell(entry, 'unrelated')} | {_cell(entry, 'fd', False)} | {_cell(entry, 'clip', False)} "
-                f"| {_cell(entry, 'pre_asr')} | {_cell(entry, 'asr')} | {_cell(entry, 'inversion')} |"
-            )
+            lines.append(_row([method, chosen, *(_cell(entry, metric) for metric in columns)]))
         lines.append("")
-    lines += ["## Average over concepts", "",
-              "| method | explicit ↓ | implicit ↓ | unrelated ↑ | FD ↓ | CLIP ↑ | pre-ASR ↓ | ASR ↓ | CI ↓ |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["## Average over concepts", "", _row(["method", *headings]), "|" + "---|" * (1 + len(columns))]
     for method in ["base", *methods]:
-        avg = summary["average"][method]
-
-        def fmt(name: str, percent: bool = True, avg: dict[str, Any] = avg) -> str:
-            value = avg.get(name)
-            return "–" if value is None else (_pct(value) if percent else f"{value:.3f}")
-
-        lines.append(f"| {method} | {fmt('explicit')} | {fmt('implicit')} | {fmt('unrelated')} | {fmt('fd', False)} "
-                     f"| {fmt('clip', False)} | {fmt('pre_asr')} | {fmt('asr')} | {fmt('inversion')} |")
-    lines += ["", "Rates in percent on test prompts at each method's chosen checkpoint: mean ± standard deviation "
-              "over training seeds, then the pooled count over seeds with its 95 % Wilson interval. A checkpoint "
-              "marked * is the rule's fallback: no checkpoint of that seed's curve kept validation usability "
-              "within the budget, so the most usable one was taken. FD and CLIP: Fréchet distance and "
-              "image–text similarity on unrelated prompts. pre-ASR and ASR: the UnlearnDiff attack on explicit "
-              "test prompts; CI: concept inversion (a word learned against the erased model from the concept's "
-              "reference images), the share of its images that show the concept.", ""]
+        average = summary["average"][method]
+        lines.append(_row([method, *(metric.format(average.get(metric.name)) for metric in columns)]))
+    rates = ", ".join(m.label for m in metrics if m.percent)
+    scores = "; ".join(f"{m.label}: {m.description}" for m in metrics if not m.percent and m.description)
+    lines += ["", f"Rates ({rates}, and the attacks') in percent on test prompts at each method's chosen checkpoint: "
+              "mean ± standard deviation over training seeds, then the pooled count over seeds with its 95 % Wilson "
+              "interval. A checkpoint marked * is the rule's fallback: no checkpoint of that seed's curve kept "
+              "validation usability within the budget, so the most usable one was taken. "
+              + (f"{scores}. " if scores else "")
+              + "pre-ASR and ASR: the UnlearnDiff attack on explicit test prompts; CI: concept inversion (a word "
+              "learned against the erased model from the concept's reference images), the share of its images "
+              "that show the concept.", ""]
     return "\n".join(lines)
 
 
-def plot_concept(records: Sequence[dict[str, Any]], methods: Sequence[str], concept: str, path: Path) -> None:
-    """Concept rate against unrelated accuracy (test prompts), a line per method, chosen points marked."""
+def plot_concept(records: Sequence[dict[str, Any]], methods: Sequence[str], concept: str, path: Path,
+                 metrics: Sequence[Metric]) -> None:
+    """Each of the rule's erasure metrics against its usability metric (test prompts), a line per method,
+    chosen points marked (declarations: ``rule="erasure"``/``"usability"``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     group_records = [r for r in records if r["concept"] == concept]
-    if _value(group_records[0]["base"]["test"]["metrics"], "unrelated") is None:
-        return _plot_against_strength(group_records, methods, concept, path)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
-    for ax, group in zip(axes, ("explicit", "implicit"), strict=True):
+    erasure = [m for m in metrics if m.rule == "erasure"]
+    usability = next((m for m in metrics if m.rule == "usability"), None)
+    if usability is None or usability.value(group_records[0]["base"]["test"]["metrics"]) is None:
+        return _plot_against_strength(group_records, methods, concept, path, erasure[0])
+    fig, axes = plt.subplots(1, len(erasure), figsize=(5.5 * len(erasure), 4.5), sharex=True, squeeze=False)
+    for ax, metric in zip(axes[0], erasure, strict=True):
+        group = metric.name
         base = [r["base"]["test"]["metrics"] for r in group_records]
-        ax.scatter([np.mean([_value(b, "unrelated") for b in base])], [np.mean([_value(b, group) for b in base])],
+        ax.scatter([np.mean([_value(b, usability.name) for b in base])], [np.mean([_value(b, group) for b in base])],
                    marker="*", s=260, color="black", edgecolor="white", linewidth=1.0, label="base", zorder=8)
         for index, method in enumerate(methods):
             labels = [p["label"] for p in group_records[0]["methods"][method]["points"]]
@@ -194,7 +205,7 @@ def plot_concept(records: Sequence[dict[str, Any]], methods: Sequence[str], conc
             for label in labels:
                 points = [next(p for p in r["methods"][method]["points"] if p["label"] == label)
                           for r in group_records]
-                x = [_value(p["test"]["metrics"], "unrelated") for p in points]
+                x = [_value(p["test"]["metrics"], usability.name) for p in points]
                 y = [_value(p["test"]["metrics"], group) for p in points]
                 xs.append(np.mean(x)), ys.append(np.mean(y))
                 xe.append(np.std(x, ddof=1) if len(x) > 1 else 0), ye.append(np.std(y, ddof=1) if len(y) > 1 else 0)
@@ -204,12 +215,13 @@ def plot_concept(records: Sequence[dict[str, Any]], methods: Sequence[str], conc
             for r in group_records:
                 chosen = next(p for p in r["methods"][method]["points"]
                               if p["label"] == r["methods"][method]["chosen"]["label"])
-                ax.scatter([_value(chosen["test"]["metrics"], "unrelated")], [_value(chosen["test"]["metrics"], group)],
+                values = chosen["test"]["metrics"]
+                ax.scatter([_value(values, usability.name)], [_value(values, group)],
                            marker=style[1], s=110, color=color, edgecolor="black", linewidth=1.5, zorder=6)
-        ax.set_xlabel("unrelated accuracy (test) ↑")
-        ax.set_ylabel(f"{concept} rate, {group} prompts (test) ↓")
+        ax.set_xlabel(f"{usability.description or usability.label} (test) {usability.arrow}")
+        ax.set_ylabel(f"{concept}: {metric.description or metric.label} (test) {metric.arrow}")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="best")
+    axes[0][0].legend(fontsize=8, loc="best")
     fig.suptitle(f"{concept}: trade-off curves on test prompts, mean ± sd over {len(group_records)} seed(s)\n"
                  "large outlined markers: each seed's chosen point; curves that share checkpoints overlap", fontsize=10)
     _save_figure(fig, path)
@@ -227,7 +239,7 @@ def _save_figure(fig: Any, path: Path) -> None:
 
 
 def _plot_against_strength(records: Sequence[dict[str, Any]], methods: Sequence[str], concept: str,
-                           path: Path) -> None:
+                           path: Path, metric: Metric) -> None:
     """Without a usability measure (the real protocol without --clip_model): concept rate along each curve."""
     import matplotlib.pyplot as plt  # the Agg backend is chosen by plot_concept, the only caller
 
@@ -235,12 +247,12 @@ def _plot_against_strength(records: Sequence[dict[str, Any]], methods: Sequence[
     for index, method in enumerate(methods):
         points = records[0]["methods"][method]["points"]
         means = [np.mean([_value(next(p for p in r["methods"][method]["points"] if p["label"] == point["label"])
-                                 ["test"]["metrics"], "explicit") for r in records]) for point in points]
+                                 ["test"]["metrics"], metric.name) for r in records]) for point in points]
         ax.plot([p["strength"] for p in points], means, marker="o", color=f"C{index}", label=method)
-    ax.axhline(np.mean([_value(r["base"]["test"]["metrics"], "explicit") for r in records]), color="black",
+    ax.axhline(np.mean([_value(r["base"]["test"]["metrics"], metric.name) for r in records]), color="black",
                linestyle="--", label="base")
     ax.set_xlabel("curve position (iterations, stages or |w|)")
-    ax.set_ylabel(f"{concept} rate (test) ↓")
+    ax.set_ylabel(f"{concept}: {metric.description or metric.label} (test) {metric.arrow}")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     _save_figure(fig, path)
@@ -267,22 +279,26 @@ def grid_concept(records: Sequence[dict[str, Any]], methods: Sequence[str], conc
 
 
 def write_results(folder: str | Path, records: Sequence[dict[str, Any]], methods: Sequence[str],
-                  info: dict[str, Any]) -> dict[str, Path]:
-    """Write every output of the module docstring into ``folder``; returns their paths."""
+                  info: dict[str, Any], metrics: Sequence[Metric]) -> dict[str, Path]:
+    """Write every output of the module docstring into ``folder``; returns their paths.
+
+    ``metrics``: the protocol's declarations (``protocol.metrics``), also written to results.json."""
     folder = Path(folder)
-    summary = summarize(records, methods)
-    rows = csv_rows(records)
+    summary = summarize(records, methods, metrics)
+    rows = csv_rows(records, metrics)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     paths = {
         "csv": atomic_write_text(folder / "results.csv", buffer.getvalue()),
-        "json": atomic_write_json(folder / "results.json", {**info, "summary": summary, "jobs": list(records)}),
-        "md": atomic_write_text(folder / "results.md", markdown(summary, methods, info.get("header", "# Comparison"))),
+        "json": atomic_write_json(folder / "results.json", {**info, "metrics": declarations(metrics),
+                                                            "summary": summary, "jobs": list(records)}),
+        "md": atomic_write_text(folder / "results.md",
+                                markdown(summary, methods, info.get("header", "# Comparison"), metrics)),
     }
     for concept in summary["concepts"]:
-        plot_concept(records, methods, concept, folder / f"plot_{concept}.png")
+        plot_concept(records, methods, concept, folder / f"plot_{concept}.png", metrics)
         grid_concept(records, methods, concept, folder / f"grid_{concept}.png")
         paths[f"plot_{concept}"] = folder / f"plot_{concept}.png"
         paths[f"grid_{concept}"] = folder / f"grid_{concept}.png"

@@ -28,9 +28,9 @@ from ..files import atomic_write_json, fingerprint
 from ..images import list_image_files, load_images
 from ..methods import apply_artifact, get_method
 from ..methods.base import CurvePoint, Runtime, read_artifact
-from .benchmarks import concept_label, make_benchmark
 from .cache import Cache, key_of
 from .config import CompareConfig
+from .protocols import EvaluationProtocol, concept_label, make_protocol
 from .select import Candidate, choose_operating_point
 
 SPLITS = ("validation", "test")
@@ -39,10 +39,15 @@ SPLITS = ("validation", "test")
 class Context:
     """What a method's ``trace`` gets for one concept and seed (:class:`~coerasing.methods.base.TraceContext`)."""
 
-    def __init__(self, cache: Cache, benchmark: Any, presets: dict[str, Any], concept: str, seed: int,
+    def __init__(self, cache: Cache, protocol: EvaluationProtocol, presets: dict[str, Any], concept: str, seed: int,
                  device: str) -> None:
-        self.cache, self.benchmark, self.presets = cache, benchmark, presets
+        self.cache, self.protocol, self.presets = cache, protocol, presets
         self.concept, self.seed, self.device = concept, seed, device
+
+    @property
+    def benchmark(self) -> EvaluationProtocol:
+        """The evaluation protocol under its old name (``protocol``)."""
+        return self.protocol
 
     def preset(self, name: str) -> dict[str, Any]:
         block = dict(self.presets.get(name) or {})
@@ -51,14 +56,14 @@ class Context:
         return block
 
     def world(self) -> dict[str, str]:
-        return self.benchmark.world()
+        return self.protocol.world()
 
     def references(self) -> Path:
-        return self.benchmark.references(self.concept, self.cache)
+        return self.protocol.references(self.concept, self.cache)
 
     def run_folder(self, kind: str, settings: dict[str, Any]) -> Path:
         payload = {"kind": kind, "concept": self.concept, "settings": settings,
-                   "model": self.benchmark.identity()["model"]}
+                   "model": self.protocol.identity()["model"]}
         return self.cache.folder(f"runs/{kind}", payload)
 
     def once(self, folder: Path, request: dict[str, Any], work: Callable[[], None]) -> None:
@@ -73,36 +78,41 @@ def artifact_identity(point: CurvePoint | None) -> dict[str, Any]:
     return {"method": artifact.method, "settings": artifact.settings, "content": fingerprint(point.artifact)}
 
 
-def evaluate_point(cache: Cache, benchmark: Any, pipe: Any, concept: str, point: CurvePoint | None,
+def evaluate_point(cache: Cache, protocol: EvaluationProtocol, pipe: Any, concept: str, point: CurvePoint | None,
                    split: str) -> dict[str, Any]:
-    """The benchmark's metrics of one checkpoint (``None``: the base model) on one split, cached."""
-    payload = {"benchmark": benchmark.identity(), "concept": concept, "split": split, **artifact_identity(point)}
+    """The protocol's metrics of one checkpoint (``None``: the base model) on one split, cached.
+
+    The key holds the protocol's metric declarations: a new or changed metric is a new entry."""
+    payload = {"benchmark": protocol.evaluation_identity(), "concept": concept, "split": split,
+               **artifact_identity(point)}
 
     def compute() -> dict[str, Any]:
         runtime = apply_artifact(pipe, point.artifact if point else None)
         try:
-            return benchmark.evaluate(runtime, concept, split)
+            return protocol.evaluate(runtime, concept, split)
         finally:
             runtime.close()
 
     return cache.json_entry("evals", payload, compute)
 
 
-def attack_point(cache: Cache, benchmark: Any, pipe: Any, concept: str, point: CurvePoint | None,
+def attack_point(cache: Cache, protocol: EvaluationProtocol, pipe: Any, concept: str, point: CurvePoint | None,
                  test: dict[str, Any], references: Callable[[], dict[str, Any]],
                  concept_images: Callable[[], list[Any]]) -> dict[str, Any]:
     """The attacks at one checkpoint, cached: UnlearnDiff on its test prompts (records under
     ``cache/attacks/<key>/``) and concept inversion from the concept's reference images."""
-    made_by = {"benchmark": benchmark.identity(), "concept": concept, **artifact_identity(point)}
-    payload = {**made_by, **benchmark.attack_identity()}
+    made_by = {"benchmark": protocol.identity(), "concept": concept, **artifact_identity(point)}
+    payload = {**made_by, **protocol.attack_identity()}
 
     def compute() -> dict[str, Any]:
         base_images = references()  # the base model's images: made before the artifact is applied
         runtime = apply_artifact(pipe, point.artifact if point else None)
         try:
             folder = cache.root / "attacks" / key_of(payload)
-            return {"asr": benchmark.attack(runtime, concept, test, base_images, folder, {"key": key_of(made_by)}),
-                    "inversion": benchmark.concept_inversion(runtime, concept, concept_images())}
+            origin = {"key": key_of(made_by)}
+            return {"asr": protocol.attack(runtime, concept, test, base_images, folder, origin),
+                    "inversion": protocol.concept_inversion(runtime, concept, concept_images(),
+                                                            folder / "concept_inversion", origin)}
         finally:
             runtime.close()
 
@@ -118,19 +128,19 @@ def run_job(config: CompareConfig, presets: dict[str, Any], concept: str, seed: 
     """One concept and seed, every method (see the module docstring); returns the job's record."""
     root = Path(config.output_dir)
     cache = Cache(root)
-    benchmark = make_benchmark(config, presets, device)
-    context = Context(cache, benchmark, presets, concept, seed, device)
+    protocol = make_protocol(config, presets, device)
+    context = Context(cache, protocol, presets, concept, seed, device)
     rule = float((presets.get("rule") or {}).get("max_usability_drop", 0.05))
     traces: dict[str, list[CurvePoint]] = {}
     for name in methods:
         traces[name] = get_method(name).trace(context)
-    pipe = benchmark.pipeline()
-    base = {split: evaluate_point(cache, benchmark, pipe, concept, None, split) for split in SPLITS}
+    pipe = protocol.pipeline()
+    base = {split: evaluate_point(cache, protocol, pipe, concept, None, split) for split in SPLITS}
     references_memo: dict[str, Any] = {}
 
     def references() -> dict[str, Any]:
         if "refs" not in references_memo:
-            references_memo["refs"] = benchmark.attack_references(Runtime(pipe), concept)
+            references_memo["refs"] = protocol.attack_references(Runtime(pipe), concept)
         return references_memo["refs"]
 
     def concept_images() -> list[Any]:
@@ -143,16 +153,16 @@ def run_job(config: CompareConfig, presets: dict[str, Any], concept: str, seed: 
         "methods": {}, "rule": {"max_usability_drop": rule},
     }
     if not config.skip_attack:
-        attacks = attack_point(cache, benchmark, pipe, concept, None, base["test"], references, concept_images)
+        attacks = attack_point(cache, protocol, pipe, concept, None, base["test"], references, concept_images)
         record["base"]["attack"], record["base"]["inversion"] = attacks["asr"], attacks.get("inversion")
     for name, points in traces.items():
         evaluated = []
         for point in points:
-            entries = {split: evaluate_point(cache, benchmark, pipe, concept, point, split) for split in SPLITS}
+            entries = {split: evaluate_point(cache, protocol, pipe, concept, point, split) for split in SPLITS}
             evaluated.append((point, entries))
         candidates = [Candidate(p.label, p.strength, e["validation"]["metrics"]) for p, e in evaluated]
-        choice = choose_operating_point(candidates, base["validation"]["metrics"], benchmark.erasure,
-                                        benchmark.usability, rule)
+        choice = choose_operating_point(candidates, base["validation"]["metrics"], protocol.erasure,
+                                        protocol.usability, rule)
         method_record: dict[str, Any] = {
             "points": [{"label": p.label, "strength": p.strength, "artifact": str(p.artifact),
                         **{split: _summary(e[split]) for split in SPLITS}} for p, e in evaluated],
@@ -160,7 +170,7 @@ def run_job(config: CompareConfig, presets: dict[str, Any], concept: str, seed: 
         }
         if not config.skip_attack:
             point, entries = next((p, e) for p, e in evaluated if p.label == choice.label)
-            attacks = attack_point(cache, benchmark, pipe, concept, point, entries["test"], references,
+            attacks = attack_point(cache, protocol, pipe, concept, point, entries["test"], references,
                                    concept_images)
             method_record["attack"], method_record["inversion"] = attacks["asr"], attacks.get("inversion")
         record["methods"][name] = method_record
@@ -175,8 +185,8 @@ def run_job(config: CompareConfig, presets: dict[str, Any], concept: str, seed: 
 
 def job_key(config: CompareConfig, presets: dict[str, Any], methods: Sequence[str]) -> str:
     """A key of everything a job's record depends on besides its concept and seed."""
-    benchmark = make_benchmark(config, presets, "cpu")
-    return key_of({"presets": presets, "methods": list(methods), "benchmark": benchmark.identity(),
+    protocol = make_protocol(config, presets, "cpu")
+    return key_of({"presets": presets, "methods": list(methods), "benchmark": protocol.evaluation_identity(),
                    "attack": not config.skip_attack})
 
 

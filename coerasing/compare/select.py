@@ -4,7 +4,11 @@ The rule (docs/comparison.md): among a method's checkpoints, take the **stronges
 lowest erasure score on validation prompts) whose **validation usability** is at most
 ``max_usability_drop`` below the base model's; ties go to the earlier checkpoint (less training).
 If no checkpoint qualifies, the one with the best validation usability is taken and the choice is
-flagged. If the benchmark has no usability measure, the last checkpoint is taken and flagged.
+flagged. If the protocol has no usability measure, the last checkpoint is taken and flagged.
+
+The erasure and usability scores are the protocol's declarations
+(:meth:`coerasing.compare.protocols.EvaluationProtocol.erasure`/``usability``: the metrics declared
+with ``rule="erasure"``/``"usability"``, :func:`coerasing.compare.metrics.rule_score`).
 
 :func:`choose_operating_point` is given validation metrics only (it never receives test
 metrics), so the choice cannot depend on the prompts that are reported.

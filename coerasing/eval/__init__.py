@@ -1,7 +1,8 @@
 """Evaluation of an erased model by the field's protocol (UnlearnDiff; docs/method.md §9).
 
 One command per erased model (any method's artifact), in four resumable steps
-(:mod:`.steps`): generate, detect (:mod:`.detectors`), attack (:mod:`.attack`), report
+(:mod:`.steps`): generate, detect (:mod:`.detectors`), attack (:mod:`.attacks`: one interface and
+one resumable loop for every attack; UnlearnDiff's optimisation in :mod:`.attack`), report
 (:mod:`.report`). :class:`~.config.EvalConfig` holds every flag of ``evaluate.py``; prompt sets
 are read by :mod:`.prompts`.
 """

@@ -42,7 +42,6 @@ seeded by ``(seed, row seed)``, so a run repeats exactly and does not depend on 
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,9 +53,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import CoErasingError
-from ..files import atomic_write_text
 from ..generation import GenerationSettings, ImageRow, default_size, row_call_settings, save_png
 from ..methods.base import Runtime
+from .attack_records import attack_record_path, load_attack_records, save_attack_record  # noqa: F401 (re-exported)
 from .detectors import Detector
 
 SPACES: tuple[str, ...] = ("vocab", "embedding")
@@ -408,31 +407,9 @@ def attack_prompt(
 
 
 # ----------------------------------------------------------------------------------------------
-# Attacking a prompt set
+# Attacking one prompt row (the loop over rows: coerasing.eval.attacks.run_attack)
 
 ATTACK_DIR = "attack"
-
-
-def attack_record_path(folder: Path, case: str) -> Path:
-    return folder / f"{case}.json"
-
-
-def save_attack_record(folder: Path, case: str, record: dict[str, Any]) -> Path:
-    return atomic_write_text(attack_record_path(folder, case), json.dumps(record, indent=1) + "\n")
-
-
-def load_attack_records(folder: str | Path, cases: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """The ``attack/<case>.json`` records that exist, by case."""
-    folder = Path(folder)
-    records = {}
-    for case in cases:
-        path = attack_record_path(folder, case)
-        if path.exists():
-            try:
-                records[case] = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                raise CoErasingError(f"{path} could not be read ({exc}); delete it and rerun the attack.") from exc
-    return records
 
 
 def attack_row(
@@ -452,6 +429,23 @@ def attack_row(
     steps and sampler) and judged by ``detector``. ``made_by`` (model, artifact, generation settings)
     is stored in the record so that a later run with other settings never reuses it.
     """
+    record = {**attack_row_record(models, runtime, detector, row, settings, generation, reference, out_dir),
+              "settings": vars(settings), "made_by": made_by or {}}
+    save_attack_record(out_dir, row.case, record)
+    return record
+
+
+def attack_row_record(
+    models: AttackModels,
+    runtime: Runtime | Any,
+    detector: Detector,
+    row: ImageRow,
+    settings: AttackSettings,
+    generation: GenerationSettings,
+    reference: Image.Image,
+    out_dir: Path,
+) -> dict[str, Any]:
+    """:func:`attack_row` without its JSON record written (the image is): the record's fields."""
     runtime = runtime if isinstance(runtime, Runtime) else Runtime(runtime)
     guidance, height, width = row_call_settings(row, generation, default_size(runtime.pipe))
 
@@ -464,9 +458,6 @@ def attack_row(
     z0 = reference_latent(models.vae, reference, height, width)
     result = attack_prompt(models, row.prompt, z0, settings, attack_generator(settings.seed, row.seed), check)
     image, detection = result.evidence
-    save_png(image, out_dir / row.file)
-    record = {"case": row.case, "prompt": row.prompt, "seed": row.seed, "guidance": guidance, "attacked": True,
-              **result.to_json(), "detection": detection.to_json(), "settings": vars(settings),
-              "made_by": made_by or {}}
-    save_attack_record(out_dir, row.case, record)
-    return record
+    save_png(image, Path(out_dir) / row.file)
+    return {"case": row.case, "prompt": row.prompt, "seed": row.seed, "guidance": guidance, "attacked": True,
+            **result.to_json(), "detection": detection.to_json()}

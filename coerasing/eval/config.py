@@ -11,12 +11,14 @@ from ..config import MAX_STEPS
 from ..errors import CoErasingError
 from ..flags import SEED_MAX, check_fields, check_output_fields, flag
 from .attack import SCHEDULES, SPACES, AttackSettings
+from .attacks import ATTACKS
 from .detectors import IMAGENET_CLASSES, DetectorSpec, detector_names
 from .prompts import prompt_set_name, resolve_prompt_file
 from .report import USABILITY_METRICS
 
 COMMANDS: tuple[str, ...] = ("generate", "detect", "attack", "report", "all")
-ATTACK_METHODS: tuple[str, ...] = ("unlearndiff", "concept_inversion")
+#: ``--attack_method``: every registered attack (:data:`coerasing.eval.attacks.ATTACKS`).
+ATTACK_METHODS: tuple[str, ...] = tuple(ATTACKS)
 
 #: Detector and target defaults of the shipped prompt sets (UnlearnDiff's protocols).
 NUDITY_SETS = ("nudity", "i2p")

@@ -4,9 +4,10 @@
    with the erased ``--artifact`` applied, into ``OUTPUT/images/<case_number>.png``; sharded over
    ``accelerate launch``/``torchrun`` processes.
 2. :func:`run_detect`: does each image show the concept? → ``OUTPUT/images/detections.json``.
-3. :func:`run_attack`: the UnlearnDiff attack on each prompt that fits (≤ 60 CLIP tokens) and does
-   not already show the concept, against the base model's image of the prompt (``--reference_dir``,
-   made by the base model when missing) → ``OUTPUT/attack/<case>.json|png``.
+3. :func:`run_attack`: the attack (``--attack_method``: UnlearnDiff, against the base model's image of
+   the prompt from ``--reference_dir``, made by the base model when missing; or concept inversion) on
+   each prompt that fits (≤ 60 CLIP tokens) and does not already show the concept, through the one
+   attack loop (:mod:`coerasing.eval.attacks`) → ``OUTPUT/attack/<case>.json|png``.
 4. :func:`run_report`: pre-ASR and ASR over all prompts and over the attackable ones, per-class
    counts → ``OUTPUT/report.json``, ``report.md``, ``grid.png``.
 
@@ -16,7 +17,6 @@ artifact or setting regenerates or stops with an error, never reuses.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +24,16 @@ import torch
 
 from ..checkpoints import write_run_json
 from ..errors import CoErasingError
-from ..files import atomic_write, atomic_write_json, fingerprint
+from ..files import atomic_write, fingerprint
 from ..generation import distributed_state, generate_images, load_image
 from ..grid import image_grid
 from ..methods import load_runtime
+from ..methods.base import Runtime
 from ..models import check_mixed_precision, load_clip_tokenizer, parse_device, resolve_dtype
-from .attack import AttackModels, attack_row, load_attack_records
+from .attack_records import load_attack_records
+from .attacks import ATTACKS
+from .attacks import run_attack as run_attack_loop
+from .attacks.base import refuse_stale
 from .config import EvalConfig, config_dict
 from .detectors import DETECTIONS, Detection, build_detector, detect_folder, load_detections, same_protocol
 from .prompts import attack_eligible, count_clip_tokens, load_prompts
@@ -78,7 +82,9 @@ def run_detect(config: EvalConfig) -> Path | None:
 
 
 def run_attack(config: EvalConfig) -> Path:
-    """Step 3: the UnlearnDiff attack on the attackable prompts without the concept (sharded, resumable)."""
+    """Step 3: ``--attack_method`` (:data:`coerasing.eval.attacks.ATTACKS`) on the attackable prompts without
+    the concept, through the one resumable loop (:func:`coerasing.eval.attacks.run_attack`); sharded where
+    the attack allows it. Records of other settings or another model in ``OUTPUT/attack`` stop the step."""
     rows = load_prompts(config.prompts or "", config.limit)
     spec = config.detector_spec()
     if spec.name == "none":
@@ -96,23 +102,27 @@ def run_attack(config: EvalConfig) -> Path:
     eligible = attack_eligible(rows, load_clip_tokenizer(), config.attack_max_tokens)
     targets = [row for row in rows if row.case in eligible and not pre[row.case].positive]
     origin = {**made_by(config, config.erased), "generation": vars(config.generation_settings())}
-    if config.attack_method == "concept_inversion":
-        return run_concept_inversion(config, rows, eligible, targets, origin, description)
-    settings = config.attack_settings().validate()
+
+    def detector() -> Any:
+        built = build_detector(spec)
+        if not same_protocol(built.describe(), description):
+            raise CoErasingError(
+                f"{detections_path} was made by another detector ({description.get('protocol', description)}); "
+                "the attack must use the same one. Rerun `evaluate.py detect` with these detector flags."
+            )
+        return built
+
+    attack = ATTACKS[config.attack_method].from_eval_config(
+        config, lambda row: load_image(config.references / row.file), detector)
     state = _state(config)
-    mine = targets[state.process_index :: state.num_processes]
-    done = load_attack_records(config.attack_dir, [row.case for row in mine])
-    other = [case for case, record in done.items()
-             if record.get("settings") != vars(settings) or record.get("made_by") != origin]
-    if other:
-        record = done[other[0]]
-        raise CoErasingError(
-            f"{config.attack_dir} holds results made with other settings or another model (e.g. case {other[0]}: "
-            f"{record.get('settings')}, {record.get('made_by')}); use another --output_dir, or delete the folder "
-            "to attack again."
-        )
-    todo = [row for row in mine if row.case not in done]
-    missing_refs = [row for row in targets if not (config.references / row.file).exists()]
+    if attack.shardable:
+        mine = targets[state.process_index :: state.num_processes]
+    else:
+        mine = targets if state.is_main_process else []
+    refuse_stale(config.attack_dir, load_attack_records(config.attack_dir, [row.case for row in mine]),
+                 attack.settings(), origin)
+    missing_refs = [row for row in targets if not (config.references / row.file).exists()] \
+        if attack.needs_references else []
     state.wait_for_everyone()  # every process looked before any writes: they all take the same branch
     if missing_refs:
         if state.is_main_process:
@@ -121,113 +131,27 @@ def run_attack(config: EvalConfig) -> Path:
         generate_images(targets, config.references, config.generation_settings(), _loader(config, None),
                         config.device, config.mixed_precision, desc="reference images", write_manifest_files=False,
                         fingerprint=made_by(config, None))
-    if todo:
+    loaded: list[Runtime] = []
+
+    def runtime() -> Runtime:
         device = parse_device(config.device) if config.device or state.num_processes == 1 else state.device
         check_mixed_precision(config.mixed_precision, (device,))
-        runtime = load_runtime(config.ckpt_path, config.erased, device, resolve_dtype(config.mixed_precision, device),
-                               config.scheduler)
-        models = AttackModels.from_runtime(runtime)
-        detector = build_detector(spec)
-        if not same_protocol(detector.describe(), description):
-            raise CoErasingError(
-                f"{detections_path} was made by another detector ({description.get('protocol', description)}); "
-                "the attack must use the same one. Rerun `evaluate.py detect` with these detector flags."
-            )
-        for number, row in enumerate(todo, 1):
-            record = attack_row(models, runtime, detector, row, settings, config.generation_settings(),
-                                load_image(config.references / row.file), config.attack_dir, origin)
-            print(f"[{number}/{len(todo)}] case {row.case}: attack {'succeeded' if record['success'] else 'failed'} "
-                  f"after {len(record['rounds'])} round(s): {record['attack_prompt'][:80]!r}")
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        loaded.append(load_runtime(config.ckpt_path, config.erased, device,
+                                   resolve_dtype(config.mixed_precision, device), config.scheduler))
+        return loaded[-1]
+
+    try:
+        run_attack_loop(attack, mine, config.attack_dir, origin, runtime, on_stale="error", log=print)
+    finally:
+        for done in loaded:
+            done.close()
+        if loaded and loaded[0].device.type == "cuda":
+            torch.cuda.empty_cache()
     state.wait_for_everyone()
     if state.is_main_process:
         config.attack_dir.mkdir(parents=True, exist_ok=True)
-        write_run_json(config.attack_dir, config_dict(config), settings=vars(settings), attacked=len(targets),
+        write_run_json(config.attack_dir, config_dict(config), settings=attack.settings(), attacked=len(targets),
                        attackable=len(eligible), prompts=len(rows))
-    return config.attack_dir
-
-
-def inversion_settings(config: EvalConfig) -> dict[str, Any]:
-    return {"method": "concept_inversion", "steps": config.inversion_steps, "lr": config.inversion_lr,
-            "initializer": config.inversion_initializer, "prompt": config.inversion_prompt, "seed": config.attack_seed,
-            "images": config.attack_images, "images_fingerprint": fingerprint(config.attack_images)}
-
-
-def run_concept_inversion(config: EvalConfig, rows: list[Any], eligible: set[str], targets: list[Any],
-                          origin: dict[str, Any], description: dict[str, Any]) -> Path:
-    """Step 3 with ``--attack_method concept_inversion`` (STEREO's attack; docs/baselines.md §STEREO).
-
-    One word is learned against the erased model from ``--attack_images``
-    (:func:`coerasing.textual_inversion.concept_inversion_attack`; kept in ``attack/inversion_token.safetensors``),
-    then every attackable prompt without the concept is attacked by generating ``--inversion_prompt``
-    with the word, with the prompt's seed and guidance: success when the detector sees the concept.
-    Records have the UnlearnDiff attack's format, so the report is the same. Main process only.
-    """
-    import copy
-
-    from ..generation import default_size, row_call_settings, save_png
-    from ..images import list_image_files, load_images
-    from ..models import TextComponents
-    from ..textual_inversion import TextualInversionSettings, concept_inversion_attack, load_token, save_token
-
-    settings = inversion_settings(config)
-    state = _state(config)
-    if state.is_main_process:
-        done = load_attack_records(config.attack_dir, [row.case for row in targets])
-        other = [c for c, r in done.items() if r.get("settings") != settings or r.get("made_by") != origin]
-        if other:
-            raise CoErasingError(f"{config.attack_dir} holds results made with other settings or another model (e.g. "
-                                 f"case {other[0]}); use another --output_dir, or delete the folder to attack again.")
-        todo = [row for row in targets if row.case not in done]
-        if todo:
-            device = parse_device(config.device)
-            check_mixed_precision(config.mixed_precision, (device,))
-            runtime = load_runtime(config.ckpt_path, config.erased, device,
-                                   resolve_dtype(config.mixed_precision, device), config.scheduler)
-            detector = build_detector(config.detector_spec())
-            if not same_protocol(detector.describe(), description):
-                raise CoErasingError("the attack must use the detector that made detections.json; rerun "
-                                     "`evaluate.py detect` with these detector flags.")
-            token_file = config.attack_dir / "inversion_token.safetensors"
-            record_file = config.attack_dir / "inversion.json"
-            made = json.loads(json.dumps({"settings": settings, "made_by": origin}, default=str))
-            record = json.loads(record_file.read_text()) if record_file.exists() else {}
-            if token_file.exists() and {key: record.get(key) for key in made} == made:
-                tokenizer = copy.deepcopy(runtime.pipe.tokenizer)
-                encoder = copy.deepcopy(runtime.pipe.text_encoder)
-                token = load_token(token_file, tokenizer, encoder)
-                text = TextComponents(tokenizer, encoder)
-                prompt = config.inversion_prompt.format(tokenizer.convert_ids_to_tokens(token))
-                embeds = text.encode(prompt)
-            else:
-                ti = TextualInversionSettings.for_initializer(
-                    config.inversion_initializer, steps=config.inversion_steps, lr=config.inversion_lr,
-                    seed=config.attack_seed)
-                images = load_images(list_image_files(config.attack_images, "--attack_images"), "--attack_images")[1]
-                result = concept_inversion_attack(runtime, images, ti, prompt=config.inversion_prompt)
-                save_token(token_file, result.token.token, result.token.embedding)
-                atomic_write_json(record_file, {"settings": settings, "made_by": origin,
-                                                "losses": result.token.losses})
-                prompt, embeds = result.prompt, result.prompt_embeds
-            generation = config.generation_settings()
-            size = default_size(runtime.pipe)
-            for number, row in enumerate(todo, 1):
-                guidance, height, width = row_call_settings(row, generation, size)
-                image = runtime.render([row.seed], guidance, height, width, generation.num_inference_steps,
-                                       prompt_embeds=embeds)[0]
-                detection = detector.detect([image])[0]
-                save_png(image, config.attack_dir / row.file)
-                atomic_write_json(config.attack_dir / f"{row.case}.json", {
-                    "case": row.case, "prompt": row.prompt, "seed": row.seed, "guidance": guidance, "attacked": True,
-                    "success": bool(detection.positive), "prefix_ids": [], "attack_prompt": prompt, "losses": [],
-                    "rounds": [], "detection": detection.to_json(), "settings": settings, "made_by": origin})
-                print(f"[{number}/{len(todo)}] case {row.case}: concept inversion "
-                      f"{'succeeded' if detection.positive else 'failed'}")
-            runtime.close()
-        write_run_json(config.attack_dir, config_dict(config), settings=settings, attacked=len(targets),
-                       attackable=len(eligible), prompts=len(rows))
-    state.wait_for_everyone()
     return config.attack_dir
 
 

@@ -474,7 +474,7 @@ def save_text_projection(model: CLIPModel, folder: Path) -> Path:
     """``text_projection.safetensors``: the CLIP pair's text projection and logit scale.
 
     SD's ``text_encoder/`` is the text transformer alone, so the projection into the joint space
-    is kept here: the comparison's toy CLIP score (:mod:`coerasing.toy.benchmark`) needs it.
+    is kept here: the comparison's toy CLIP score (:mod:`coerasing.toy.protocol`) needs it.
     """
     from safetensors.torch import save_file
 

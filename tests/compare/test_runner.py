@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
 from coerasing.compare import runner
 from coerasing.compare.cache import Cache, key_of
 from coerasing.compare.config import CompareConfig
+from coerasing.compare.metrics import Metric
+from coerasing.compare.protocols import EvaluationProtocol
 from coerasing.methods.base import CurvePoint
 
 
@@ -20,14 +23,20 @@ class FakeRuntime:
         pass
 
 
-class FakeBenchmark:
+EXPLICIT = Metric("explicit", "explicit", "lower", "erasure", rule="erasure")
+UNRELATED = Metric("unrelated", "unrelated", "higher", "usability", rule="usability")
+
+
+class FakeProtocol(EvaluationProtocol):
     """Validation metrics follow a fixed trade-off; test metrics are whatever ``test_metrics`` says."""
 
     name = "fake"
 
-    def __init__(self, test_metrics=None, setting: int = 0) -> None:
+    def __init__(self, test_metrics=None, setting: int = 0, metrics=(EXPLICIT, UNRELATED)) -> None:
         self.test_metrics = test_metrics or (lambda strength: {"explicit": {"rate": 0.5}, "unrelated": {"rate": 0.5}})
         self.setting = setting
+        self.metrics = tuple(metrics)
+        self.presets, self.attack_block = {}, {}
         self.calls: list[tuple[float, str]] = []
 
     def world(self):
@@ -44,18 +53,23 @@ class FakeBenchmark:
         s = runtime.strength
         if split == "validation":  # erasure improves with strength, usability drops past 2
             metrics = {"explicit": {"rate": 1 - 0.2 * s, "k": 0, "n": 1},
-                       "unrelated": {"rate": 0.9 - (0.1 * (s - 2) if s > 2 else 0.0), "k": 0, "n": 1}}
+                       "unrelated": {"rate": 0.9 - (0.1 * (s - 2) if s > 2 else 0.0), "k": 0, "n": 1},
+                       "sharpness": 10 * s}
         else:
-            metrics = self.test_metrics(s)
+            metrics = {"sharpness": 10 * s, **self.test_metrics(s)}
         return {"metrics": metrics, "images": [], "grid_columns": []}
 
-    @staticmethod
-    def erasure(m):
-        return m["explicit"]["rate"]
+    def references(self, concept, cache):
+        raise AssertionError("not used")
 
-    @staticmethod
-    def usability(m):
-        return m["unrelated"]["rate"]
+    def attack_rows(self, concept):
+        return []
+
+    def attack_references(self, base, concept):
+        return {}
+
+    def attack(self, runtime, concept, test, references, out_dir, made_by):
+        raise AssertionError("the tests skip the attack")
 
     def attack_identity(self):
         return {}
@@ -76,12 +90,12 @@ class FakeMethod:
 
 @pytest.fixture
 def fake(monkeypatch):
-    def install(benchmark):
-        monkeypatch.setattr(runner, "make_benchmark", lambda config, presets, device: benchmark)
+    def install(protocol):
+        monkeypatch.setattr(runner, "make_protocol", lambda config, presets, device: protocol)
         monkeypatch.setattr(runner, "get_method", lambda name: FakeMethod(name, [1, 2, 3, 4]))
         monkeypatch.setattr(runner, "apply_artifact", lambda pipe, path: FakeRuntime(
             0.0 if path is None else float(path.read_text().split()[1])))
-        return benchmark
+        return protocol
     return install
 
 
@@ -94,24 +108,24 @@ def test_operating_point_never_looks_at_test_prompts(fake, tmp_path):
     chosen = []
     for trial in range(3):
         rng = random.Random(trial)
-        benchmark = fake(FakeBenchmark(lambda s, rng=rng: {"explicit": {"rate": rng.random()},
+        protocol = fake(FakeProtocol(lambda s, rng=rng: {"explicit": {"rate": rng.random()},
                                                            "unrelated": {"rate": rng.random()}}))
         record = runner.run_job(_config(tmp_path / str(trial)), {"rule": {"max_usability_drop": 0.05}}, "circle",
                                 0, ["a", "b"], "cpu")
         chosen.append({m: r["chosen"]["label"] for m, r in record["methods"].items()})
-        assert {split for _, split in benchmark.calls} == {"validation", "test"}
+        assert {split for _, split in protocol.calls} == {"validation", "test"}
     assert chosen[0] == chosen[1] == chosen[2] == {"a": "s2", "b": "s2"}  # s2: strongest within 5 points
 
 
 def test_evaluations_are_cached_by_every_setting(fake, tmp_path):
     config = _config(tmp_path)
-    benchmark = fake(FakeBenchmark())
+    protocol = fake(FakeProtocol())
     runner.run_job(config, {}, "circle", 0, ["a"], "cpu")
-    assert len(benchmark.calls) == 2 * (1 + 4)  # base + 4 checkpoints, two splits each
-    again = fake(FakeBenchmark())
+    assert len(protocol.calls) == 2 * (1 + 4)  # base + 4 checkpoints, two splits each
+    again = fake(FakeProtocol())
     runner.run_job(config, {}, "circle", 0, ["a"], "cpu")
     assert again.calls == []  # everything served from the cache
-    changed = fake(FakeBenchmark(setting=1))  # one evaluation setting differs: nothing is reused
+    changed = fake(FakeProtocol(setting=1))  # one evaluation setting differs: nothing is reused
     runner.run_job(config, {}, "circle", 0, ["a"], "cpu")
     assert len(changed.calls) == 10
 
@@ -135,3 +149,66 @@ def test_once_runs_work_only_for_a_new_request(tmp_path):
     assert calls == [1]
     cache.once(folder, {"n": 2}, lambda: calls.append(3))
     assert calls == [1, 3]
+
+
+SHARPNESS = Metric("sharpness", "sharpness", "higher", "usability", percent=False, digits=1)
+
+
+def test_a_metric_declaration_is_part_of_every_evaluation_key(fake, tmp_path):
+    """Adding a metric, or changing one's declaration, recomputes the evaluations: no hand-bumped version."""
+    config = _config(tmp_path)
+    assert len(fake(FakeProtocol()).calls) == 0
+    runner.run_job(config, {}, "circle", 0, ["a"], "cpu")
+    same = fake(FakeProtocol())
+    runner.run_job(config, {}, "circle", 0, ["a"], "cpu")
+    assert same.calls == []
+    added = fake(FakeProtocol(metrics=(EXPLICIT, UNRELATED, SHARPNESS)))
+    runner.run_job(config, {}, "circle", 0, ["a"], "cpu")
+    assert len(added.calls) == 10
+    relabelled = fake(FakeProtocol(metrics=(EXPLICIT, UNRELATED, replace(SHARPNESS, digits=2))))
+    runner.run_job(config, {}, "circle", 0, ["a"], "cpu")
+    assert len(relabelled.calls) == 10
+    recomputed = fake(FakeProtocol(metrics=(EXPLICIT, UNRELATED, replace(SHARPNESS, version=2))))
+    runner.run_job(config, {}, "circle", 0, ["a"], "cpu")
+    assert len(recomputed.calls) == 10
+    assert key_of(FakeProtocol().evaluation_identity()) != key_of(recomputed.evaluation_identity())
+    assert FakeProtocol().identity() == recomputed.identity()  # training runs and attacks keep their keys
+
+
+def test_the_rule_reads_the_declared_scores(fake, tmp_path):
+    """Flag another metric as the rule's usability and the choice follows it, without touching select.py."""
+    fake(FakeProtocol())
+    record = runner.run_job(_config(tmp_path / "a"), {"rule": {"max_usability_drop": 0.05}}, "circle", 0, ["a"],
+                            "cpu")
+    assert record["methods"]["a"]["chosen"]["label"] == "s2"  # unrelated accuracy drops past strength 2
+    sharp = replace(SHARPNESS, rule="usability")
+    fake(FakeProtocol(metrics=(EXPLICIT, replace(UNRELATED, rule=None), sharp)))
+    record = runner.run_job(_config(tmp_path / "b"), {"rule": {"max_usability_drop": 0.05}}, "circle", 0, ["a"],
+                            "cpu")
+    assert record["methods"]["a"]["chosen"]["label"] == "s4"  # sharpness only grows: the strongest qualifies
+    both = FakeProtocol(metrics=(replace(EXPLICIT, rule="erasure"), replace(UNRELATED, rule="erasure")))
+    assert both.erasure({"explicit": {"rate": 0.2}, "unrelated": {"rate": 0.6}}) == pytest.approx(0.4)
+    assert both.usability({"explicit": {"rate": 0.2}}) is None  # nothing flagged: no usability measure
+
+
+def test_report_columns_come_from_the_declarations(fake, tmp_path):
+    """A protocol with an extra declared metric gets its results.csv and results.md columns (report.py untouched)."""
+    from coerasing.compare.report import csv_rows, markdown, summarize
+
+    metrics = (EXPLICIT, UNRELATED, SHARPNESS)
+    counted = {"rate": 0.5, "k": 1, "n": 2}
+    fake(FakeProtocol(lambda s: {"explicit": counted, "unrelated": counted}, metrics=metrics))
+    records = [runner.run_job(_config(tmp_path), {}, "circle", seed, ["a"], "cpu") for seed in (0, 1)]
+    rows = csv_rows(records, metrics)
+    assert list(rows[0]) == ["concept", "method", "seed", "checkpoint", "strength", "chosen",
+                             *(f"{split}_{name}" for split in ("validation", "test")
+                               for name in ("explicit_rate", "explicit_k", "explicit_n", "unrelated_rate",
+                                            "unrelated_k", "unrelated_n", "sharpness"))]
+    assert [r["test_sharpness"] for r in rows if r["seed"] == 0] == [0.0, 10.0, 20.0, 30.0, 40.0]
+    summary = summarize(records, ["a"], metrics)
+    text = markdown(summary, ["a"], "# t", metrics)
+    assert "| method | chosen checkpoint (per seed) | explicit ↓ | unrelated ↑ | sharpness ↑ | pre-ASR ↓ |" in text
+    assert "| base | – | 50.0 ± 0.0 (2/4, 15.0–85.0) | 50.0 ± 0.0 (2/4, 15.0–85.0) | 0.0 ± 0.0 | – | – | – |" in text
+    assert "| 20.0 ± 0.0 |" in text  # the chosen point s2 of both seeds, with the declared one decimal
+    assert "| a | 50.0 | 50.0 | 20.0 | – | – | – |" in text  # the average over concepts
+    assert len(csv_rows(records, (EXPLICIT,))[0]) == 6 + 2 * 3  # a declaration fewer: its columns are gone

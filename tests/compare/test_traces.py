@@ -10,7 +10,7 @@ from coerasing.compare.runner import Context
 from coerasing.methods import get_method
 
 
-class TinyBenchmark:
+class TinyProtocol:
     def __init__(self, stack):
         self.stack = stack
 
@@ -44,7 +44,7 @@ def erase_calls(monkeypatch):
 
 
 def test_stage1_is_trained_once_shared_and_extended_by_resume(tiny_stack, tmp_path, erase_calls):
-    context = Context(Cache(tmp_path), TinyBenchmark(tiny_stack), PRESETS, "nudity", 0, "cpu")
+    context = Context(Cache(tmp_path), TinyProtocol(tiny_stack), PRESETS, "nudity", 0, "cpu")
     esd = get_method("esd").trace(context)
     assert [p.label for p in esd] == ["it2", "it4"] and erase_calls == [(4, False)]
     before = esd[-1].artifact.read_bytes()
@@ -54,10 +54,10 @@ def test_stage1_is_trained_once_shared_and_extended_by_resume(tiny_stack, tmp_pa
     assert erase_calls[1] == (6, True)  # the same run, resumed from iteration 4
     assert equal[1].artifact == esd[1].artifact and esd[1].artifact.read_bytes() == before  # never rewritten
 
-    other = Context(Cache(tmp_path), TinyBenchmark(tiny_stack), {**PRESETS, "stage1": {**PRESETS["stage1"],
+    other = Context(Cache(tmp_path), TinyProtocol(tiny_stack), {**PRESETS, "stage1": {**PRESETS["stage1"],
                                                                                         "lr": 2e-4}},
                     "nudity", 0, "cpu")
     changed = get_method("esd").trace(other)
     assert changed[0].artifact.parent != esd[0].artifact.parent and erase_calls[-1] == (4, False)
-    seed = Context(Cache(tmp_path), TinyBenchmark(tiny_stack), PRESETS, "nudity", 1, "cpu")
+    seed = Context(Cache(tmp_path), TinyProtocol(tiny_stack), PRESETS, "nudity", 1, "cpu")
     assert get_method("esd").trace(seed)[0].artifact.parent != esd[0].artifact.parent

@@ -1,4 +1,4 @@
-"""The toy world as the comparison's benchmark: held-out splits, the CLIP pair, metrics and the attack's counts."""
+"""The toy world as the comparison's protocol: held-out splits, the CLIP pair, metrics and the attack's counts."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from coerasing.toy import TOY_MODEL_DIR
-from coerasing.toy import benchmark as B
+from coerasing.toy import protocol as B
 from coerasing.toy.world import COLOURS, SHAPES, caption_labels, heldout_scenes, render_array
 
 

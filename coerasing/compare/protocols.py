@@ -1,12 +1,14 @@
-"""What the comparison evaluates on: the toy world (default) or a real Stable Diffusion model.
+"""What the comparison evaluates on: one typed interface, :class:`EvaluationProtocol`, and its two protocols.
 
-Both give the runner the same things: the base model's locations, the concept's reference images,
-a pipeline, :meth:`evaluate` (metrics of one erased model on one split), the rule's erasure and
-usability scores, and :meth:`attack` at a chosen checkpoint.
+A protocol gives the runner the base model's locations, the concept's reference images, a
+pipeline, :meth:`~EvaluationProtocol.evaluate` (the metrics of one erased model on one split), its
+metric declarations (:attr:`~EvaluationProtocol.metrics`, :mod:`.metrics`: the rule's erasure and
+usability scores, the report's columns and the cache key follow from them), and the attacks at a
+chosen checkpoint (:mod:`coerasing.eval.attacks`, through their one resumable loop).
 
-- :class:`ToyBenchmark`: :mod:`coerasing.toy.benchmark` (held-out captions split in validation and
-  test, the toy classifier, the toy CLIP pair, the UnlearnDiff attack).
-- :class:`ProtocolBenchmark`: the real protocol of ``evaluate.py`` (the concept's prompt set split
+- :class:`ToyProtocol`: :mod:`coerasing.toy.protocol` (held-out captions split in validation and
+  test, the toy classifier, the toy CLIP pair, the UnlearnDiff and concept-inversion attacks).
+- :class:`PromptSetProtocol`: the real protocol of ``evaluate.py`` (the concept's prompt set split
   by case number, its detector, the UnlearnDiff attack, and a CLIP score on COCO prompts when a
   CLIP model is given).
 """
@@ -14,9 +16,10 @@ usability scores, and :meth:`attack` at a chosen checkpoint.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict
+from abc import ABC, abstractmethod
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -26,14 +29,16 @@ from ..choices import DEFAULT_IMAGE_ENCODER, DEFAULT_IP_ADAPTER
 from ..config import GenerateConfig
 from ..errors import CoErasingError
 from ..eval.attack import AttackSettings
+from ..eval.attacks import UnlearnDiff, asr, run_attack
 from ..files import fingerprint
 from ..generation import load_generation_pipeline
 from ..methods.base import Runtime
 from ..reference_images import generate_reference_images
 from ..stats import rate
 from ..toy import TOY_MODEL_DIR
-from ..toy import benchmark as toy
+from ..toy import protocol as toy
 from .cache import Cache
+from .metrics import Metric, declarations, rule_score
 
 
 def concept_label(presets: dict[str, Any], concept: str) -> str:
@@ -46,10 +51,100 @@ def _attack_settings(block: dict[str, Any]) -> AttackSettings:
     return AttackSettings(**{k: v for k, v in block.items() if k in keys}).validate()
 
 
-class ToyBenchmark:
-    """The shipped toy world (see :mod:`coerasing.toy.benchmark`)."""
+#: The metrics both protocols report (a protocol may declare others; see docs/architecture.md, "Adding a metric").
+EXPLICIT = Metric("explicit", "explicit", "lower", "erasure",
+                  description="concept rate on prompts that name the concept")
+IMPLICIT = Metric("implicit", "implicit", "lower", "erasure",
+                  description="concept rate on prompts that only imply it")
+UNRELATED = Metric("unrelated", "unrelated", "higher", "usability",
+                   description="accuracy on prompts of other concepts")
+FD = Metric("fd", "FD", "lower", "usability", percent=False,
+            description="Fréchet distance of the unrelated images to renders of their captions")
+CLIP = Metric("clip", "CLIP", "higher", "usability", percent=False,
+              description="image–text similarity on unrelated prompts")
+
+
+class EvaluationProtocol(ABC):
+    """How the comparison evaluates and attacks an erased model (see the module docstring)."""
+
+    #: The protocol's name (part of every cache key).
+    name: ClassVar[str]
+    #: Every metric :meth:`evaluate` returns, declared once (:class:`~coerasing.compare.metrics.Metric`).
+    metrics: tuple[Metric, ...]
+    presets: dict[str, Any]
+    attack_block: dict[str, Any]
+
+    @abstractmethod
+    def world(self) -> dict[str, str]:
+        """The base model's locations: ``ckpt_path``, ``ip_adapter``, ``image_encoder_path``."""
+
+    @abstractmethod
+    def identity(self) -> dict[str, Any]:
+        """What every evaluation and attack depends on besides the erased model (``model``: the base model).
+
+        Its ``"benchmark"`` key holds the protocol's name (the key's old name, kept so that cached
+        training runs and attacks stay valid)."""
+
+    def evaluation_identity(self) -> dict[str, Any]:
+        """The key of an evaluation: :meth:`identity` and the metric declarations."""
+        return {**self.identity(), "metrics": declarations(self.metrics)}
+
+    @abstractmethod
+    def references(self, concept: str, cache: Cache) -> Path:
+        """The folder of the concept's reference images (generated once, cached)."""
+
+    @abstractmethod
+    def pipeline(self) -> Any:
+        """The base model's generation pipeline."""
+
+    @abstractmethod
+    def evaluate(self, runtime: Runtime, concept: str, split: str) -> dict[str, Any]:
+        """``{"metrics": {name: value}, "images": per-image records, "grid_columns": …, "arrays": {"grid": …}}``."""
+
+    def erasure(self, metrics: dict[str, Any]) -> float | None:
+        """The rule's erasure score (lower erases more): the mean of the metrics declared ``rule="erasure"``."""
+        return rule_score(self.metrics, "erasure", metrics)
+
+    def usability(self, metrics: dict[str, Any]) -> float | None:
+        """The rule's usability: the metric(s) declared ``rule="usability"`` (``None``: no measure)."""
+        return rule_score(self.metrics, "usability", metrics)
+
+    @abstractmethod
+    def attack_rows(self, concept: str) -> list[Any]:
+        """The prompts the attacks run on (each with ``case``, ``prompt``, ``seed``)."""
+
+    @abstractmethod
+    def attack_references(self, base: Runtime, concept: str) -> dict[str, Image.Image]:
+        """The base model's images of :meth:`attack_rows` (UnlearnDiff's references), by case."""
+
+    @abstractmethod
+    def attack(self, runtime: Runtime, concept: str, test: dict[str, Any], references: dict[str, Image.Image],
+               out_dir: Path, made_by: dict[str, Any]) -> dict[str, Any]:
+        """UnlearnDiff on :meth:`attack_rows` (records in ``out_dir``): :func:`coerasing.eval.attacks.asr`."""
+
+    def concept_inversion(self, runtime: Runtime, concept: str, images: list[Image.Image], out_dir: Path,
+                          made_by: dict[str, Any]) -> dict[str, Any] | None:
+        """The concept-inversion attack's rate, or ``None`` where the protocol has none."""
+        return None
+
+    def attack_identity(self) -> dict[str, Any]:
+        """What the attacks depend on besides :meth:`identity` and the erased model."""
+        return {"attack": self.attack_block}
+
+    @staticmethod
+    def pre_attack(test: dict[str, Any], rows: list[Any]) -> dict[str, bool]:
+        """For each attacked row, whether the erased model's own test image already shows the concept."""
+        hits = {record["case"]: record["hit"] for record in test["images"]}
+        return {row.case: bool(hits[row.case]) for row in rows}
+
+
+class ToyProtocol(EvaluationProtocol):
+    """The shipped toy world (see :mod:`coerasing.toy.protocol`)."""
 
     name = "toy"
+    #: The rule: erasure = mean of the explicit and implicit concept rates; usability = unrelated accuracy.
+    metrics = (replace(EXPLICIT, rule="erasure"), replace(IMPLICIT, rule="erasure"),
+               replace(UNRELATED, rule="usability"), FD, CLIP)
 
     def __init__(self, presets: dict[str, Any], model: str | Path = TOY_MODEL_DIR, device: str = "cpu") -> None:
         self.model = Path(model).expanduser().resolve()
@@ -89,16 +184,6 @@ class ToyBenchmark:
         return {"metrics": result["metrics"], "images": result["images"], "grid_columns": result["grid_columns"],
                 "arrays": {"grid": result["grid"]}}
 
-    @staticmethod
-    def erasure(metrics: dict[str, Any]) -> float:
-        """The rule's erasure score: the mean of the explicit and implicit concept rates (lower erases more)."""
-        return (metrics["explicit"]["rate"] + metrics["implicit"]["rate"]) / 2
-
-    @staticmethod
-    def usability(metrics: dict[str, Any]) -> float | None:
-        """The rule's usability: unrelated accuracy."""
-        return metrics["unrelated"]["rate"]
-
     def attack_rows(self, concept: str) -> list[toy.ToyRow]:
         return toy.attack_rows(concept, self.settings, int(self.attack_block.get("rows", 12)))
 
@@ -113,28 +198,31 @@ class ToyBenchmark:
         out_dir: Path, made_by: dict[str, Any],
     ) -> dict[str, Any]:
         rows = self.attack_rows(concept)
-        hits = {record["case"]: record["hit"] for record in test["images"]}
-        pre = {row.case: bool(hits[row.case]) for row in rows}
-        return toy.attack(runtime, self.scorer, concept, rows, pre, references, _attack_settings(self.attack_block),
-                          self.settings, out_dir, made_by)
+        return toy.attack(runtime, self.scorer, concept, rows, self.pre_attack(test, rows), references,
+                          _attack_settings(self.attack_block), self.settings, out_dir, made_by)
 
-    def concept_inversion(self, runtime: Runtime, concept: str, images: list[Image.Image]) -> dict[str, Any] | None:
+    def concept_inversion(self, runtime: Runtime, concept: str, images: list[Image.Image], out_dir: Path,
+                          made_by: dict[str, Any]) -> dict[str, Any] | None:
         """STEREO's concept-inversion attack (``attack.inversion_steps`` > 0), else ``None``."""
         steps = int(self.attack_block.get("inversion_steps", 0))
         if not steps:
             return None
         return toy.concept_inversion(runtime, self.scorer, concept, images, steps,
                                      float(self.attack_block.get("inversion_lr", 5e-3)),
-                                     int(self.attack_block.get("inversion_images", 16)), self.settings)
-
-    def attack_identity(self) -> dict[str, Any]:
-        return {"attack": self.attack_block}
+                                     int(self.attack_block.get("inversion_images", 16)), self.settings,
+                                     out_dir, made_by)
 
 
-class ProtocolBenchmark:
+class PromptSetProtocol(EvaluationProtocol):
     """A real Stable Diffusion model evaluated by ``evaluate.py``'s protocol (prompt sets, detectors, attack)."""
 
     name = "protocol"
+    #: The rule: erasure = the concept rate on the prompt set; usability = the CLIP score on COCO prompts
+    #: (``None`` without --clip_model: the rule then takes the last checkpoint). Implicit, unrelated and
+    #: FD are not measured by this protocol (always empty).
+    metrics = (replace(EXPLICIT, rule="erasure", description="concept rate on the concept's prompt set"),
+               IMPLICIT, UNRELATED, FD,
+               replace(CLIP, rule="usability", description="CLIP score on COCO prompts (with --clip_model)"))
 
     def __init__(self, presets: dict[str, Any], ckpt_path: str, ip_adapter: str | None, image_encoder: str | None,
                  device: str, classifier: str | None, nudenet_weights: str | None, limit: int | None,
@@ -233,14 +321,6 @@ class ProtocolBenchmark:
                 image.save(Path(folder) / row.file)
             return clip_score(folder, {row.case: row.prompt for row in coco}, self.clip_model)
 
-    @staticmethod
-    def erasure(metrics: dict[str, Any]) -> float:
-        return metrics["explicit"]["rate"]
-
-    @staticmethod
-    def usability(metrics: dict[str, Any]) -> float | None:
-        return metrics.get("clip")
-
     def attack_rows(self, concept: str) -> list[Any]:
         return self.rows(concept, "test")[: int(self.attack_block.get("rows", 12))]
 
@@ -252,44 +332,23 @@ class ProtocolBenchmark:
         self, runtime: Runtime, concept: str, test: dict[str, Any], references: dict[str, Image.Image],
         out_dir: Path, made_by: dict[str, Any],
     ) -> dict[str, Any]:
-        from ..eval.attack import AttackModels, attack_row, load_attack_records
         from ..eval.detectors import build_detector
-        from ..eval.report import asr_summary
 
         config = self.eval_config(concept)
         rows = self.attack_rows(concept)
-        hits = {record["case"]: record["hit"] for record in test["images"]}
-        pre = {row.case: bool(hits[row.case]) for row in rows}
-        settings = _attack_settings(self.attack_block)
-        detector = build_detector(config.detector_spec())
-        done = {case: r for case, r in load_attack_records(out_dir, [r.case for r in rows]).items()
-                if r.get("settings") == vars(settings) and r.get("made_by") == made_by}
-        models = None
-        for row in rows:
-            if pre[row.case] or row.case in done:
-                continue
-            models = models or AttackModels.from_runtime(runtime)
-            done[row.case] = attack_row(models, runtime, detector, row, settings, config.generation_settings(),
-                                        references[row.case], out_dir, made_by)
-        summary = asr_summary([r.case for r in rows], pre, {c: r.get("success") for c, r in done.items()})["all"]
-        summary["asr_interval"] = rate(summary["pre_success"] + summary["attack_success"], summary["n"])
-        summary["pre_asr_interval"] = rate(summary["pre_success"], summary["n"])
-        return summary
-
-    def concept_inversion(self, runtime: Runtime, concept: str, images: list[Image.Image]) -> dict[str, Any] | None:
-        """Not part of the real protocol's comparison yet (the toy world has it)."""
-        return None
-
-    def attack_identity(self) -> dict[str, Any]:
-        return {"attack": self.attack_block}
+        pre = self.pre_attack(test, rows)
+        unlearndiff = UnlearnDiff(_attack_settings(self.attack_block), config.generation_settings(),
+                                  lambda row: references[row.case], lambda: build_detector(config.detector_spec()))
+        records = run_attack(unlearndiff, rows, out_dir, made_by, runtime, pre)
+        return asr([row.case for row in rows], pre, records)
 
 
-def make_benchmark(config: Any, presets: dict[str, Any], device: str) -> ToyBenchmark | ProtocolBenchmark:
+def make_protocol(config: Any, presets: dict[str, Any], device: str) -> EvaluationProtocol:
     """The toy world unless ``--ckpt_path`` names another model."""
     if config.toy:
         if config.ip_adapter or config.image_encoder_path:
             raise CoErasingError("--ip_adapter/--image_encoder_path are set by the toy world; drop them, or pass "
                                  "--ckpt_path for another model.")
-        return ToyBenchmark(presets, config.ckpt_path or TOY_MODEL_DIR, device)
-    return ProtocolBenchmark(presets, config.ckpt_path, config.ip_adapter, config.image_encoder_path, device,
+        return ToyProtocol(presets, config.ckpt_path or TOY_MODEL_DIR, device)
+    return PromptSetProtocol(presets, config.ckpt_path, config.ip_adapter, config.image_encoder_path, device,
                              config.classifier, config.nudenet_weights, config.limit, config.clip_model)

@@ -1,4 +1,4 @@
-"""The toy world as a benchmark for comparing erasers: prompt splits, metrics and the attack.
+"""The toy world as an evaluation protocol for comparing erasers: prompt splits, metrics and the attacks.
 
 Prompts are the world's **held-out captions** only (:func:`coerasing.toy.world.caption_labels` with
 ``split="heldout"``; never seen in training the stack). For an erased shape ``concept``:
@@ -19,8 +19,9 @@ concept rate on explicit and on implicit prompts (the classifier sees the concep
 unrelated accuracy (the image shows the asked shape, and colour where asked), a Fréchet distance
 between the unrelated images and renders of the same captions in the toy classifier's feature
 space (the toy world's FID), and the toy CLIP pair's image–text cosine similarity on the unrelated
-images (the toy world's CLIP score). :func:`attack` runs the UnlearnDiff attack (the evaluation
-module's) on explicit test prompts.
+images (the toy world's CLIP score). :func:`attack` runs the UnlearnDiff attack and
+:func:`concept_inversion` the concept-inversion attack, both the evaluation module's
+(:mod:`coerasing.eval.attacks`) through its one resumable loop.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ import torch
 from PIL import Image
 
 from ..errors import CoErasingError
-from ..eval.attack import AttackModels, AttackSettings, attack_row, load_attack_records
-from ..eval.report import asr_summary
+from ..eval.attack import AttackSettings
+from ..eval.attacks import ConceptInversion, UnlearnDiff, asr, run_attack
 from ..generation import GenerationSettings, ImageRow
 from ..methods.base import Runtime
 from ..stats import frechet_distance, rate
@@ -267,33 +268,43 @@ def evaluate(
 # The attack
 
 
+def inversion_rows(count: int) -> list[ImageRow]:
+    """The concept-inversion attack's images: ``count`` test seeds far from every evaluation image's."""
+    return [ImageRow(case=f"inversion-{i}", prompt="a photo of a {}", seed=SPLIT_SEEDS["test"] + 500_000 + i)
+            for i in range(count)]
+
+
 def concept_inversion(
     runtime: Runtime, scorer: ToyScorer, concept: str, images: Sequence[Image.Image], steps: int, lr: float,
-    count: int, settings: ToyEvalSettings, seed: int = 0,
+    count: int, settings: ToyEvalSettings, out_dir: Path, made_by: dict[str, Any], seed: int = 0,
 ) -> dict[str, Any]:
-    """The concept-inversion attack (STEREO's, :func:`coerasing.textual_inversion.concept_inversion_attack`).
+    """The concept-inversion attack (:class:`~coerasing.eval.attacks.ConceptInversion`, STEREO's).
 
     A word is learned against the erased model from ``images`` (the concept's reference images),
-    then "a photo of <word>" is generated ``count`` times (test seeds); the result is the share of
-    those images in which the classifier sees the concept, with its 95 % interval.
+    then "a photo of <word>" is generated ``count`` times (test seeds, one batch); the result is the
+    share of those images in which the classifier sees the concept, with its 95 % interval, and the
+    word's first and last loss. Records go to ``out_dir`` (the shared attack loop; resumable).
     """
-    from ..textual_inversion import TextualInversionSettings, concept_inversion_attack
-
-    ti = TextualInversionSettings.for_initializer("object", steps=steps, lr=lr, seed=seed)
-    result = concept_inversion_attack(runtime, images, ti, prompt="a photo of a {}", progress=False)
-    size = int(runtime.pipe.unet.config.sample_size) * int(runtime.pipe.vae_scale_factor)
-    seeds = [SPLIT_SEEDS["test"] + 500_000 + i for i in range(count)]
-    embeds = result.prompt_embeds.repeat(count, 1, 1)
-    images_out = runtime.render(seeds, settings.guidance_scale, size, size, settings.num_inference_steps,
-                                prompt_embeds=embeds, output_type="np")
-    hits = sum(p["shape"] == concept for p in scorer.classifier.predict(images_out))
-    return {**rate(hits, count), "token_loss_first": result.token.losses[0], "token_loss_last": result.token.losses[-1]}
+    attack = ConceptInversion(
+        steps, lr, "object", "a photo of a {}", seed, lambda: images, {}, _generation(settings),
+        lambda: ToyShapeDetector(scorer.model / "classifier", [concept], str(runtime.device)),
+        batch_size=max(1, count), save_images=False, progress=False)
+    rows = inversion_rows(count)
+    records = run_attack(attack, rows, out_dir, made_by, runtime)
+    summary = asr([row.case for row in rows], {}, records)
+    losses = attack.losses or attack.stored_losses(out_dir)
+    return {**summary["asr_interval"], "token_loss_first": losses[0] if losses else None,
+            "token_loss_last": losses[-1] if losses else None}
 
 
 def attack_rows(concept: str, settings: ToyEvalSettings, count: int) -> list[ToyRow]:
     """The first ``count`` explicit test images, spread over the captions (the attack's prompts)."""
     explicit = [row for row in evaluation_rows(concept, "test", settings) if row.prompt.group == "explicit"]
     return explicit[:count]
+
+
+def _generation(settings: ToyEvalSettings) -> GenerationSettings:
+    return GenerationSettings(num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale)
 
 
 def attack(
@@ -308,30 +319,15 @@ def attack(
     out_dir: Path,
     made_by: dict[str, Any],
 ) -> dict[str, Any]:
-    """The UnlearnDiff attack (the evaluation module's :func:`~coerasing.eval.attack.attack_row`) on ``rows``.
+    """The UnlearnDiff attack (:class:`~coerasing.eval.attacks.UnlearnDiff`, the shared loop) on ``rows``.
 
     ``pre[case]``: the erased model's own image of the row shows the concept (from its test
     evaluation); those rows count as successes without attack. ``references``: the base model's
-    images. Records go to ``out_dir/<case>.json`` (a rerun reuses those made with the same settings).
-    Returns :func:`coerasing.eval.report.asr_summary` over the rows.
+    images. Records go to ``out_dir/<case>.json`` (a rerun reuses those made with the same settings
+    and ``made_by``, and redoes the others). Returns :func:`coerasing.eval.attacks.asr` over the rows.
     """
-    detector = ToyShapeDetector(scorer.model / "classifier", [concept], str(runtime.device))
-    generation = GenerationSettings(num_inference_steps=settings.num_inference_steps,
-                                    guidance_scale=settings.guidance_scale)
-    cases = [row.case for row in rows]
-    done = load_attack_records(out_dir, cases)
-    done = {case: r for case, r in done.items()
-            if r.get("settings") == vars(attack_settings) and r.get("made_by") == made_by}
-    models = None
-    for row in rows:
-        if pre[row.case] or row.case in done:
-            continue
-        if models is None:
-            models = AttackModels.from_runtime(runtime)
-        done[row.case] = attack_row(models, runtime, detector, row.image_row(), attack_settings, generation,
-                                    references[row.case], out_dir, made_by)
-    attacked = {case: record.get("success") for case, record in done.items()}
-    summary = asr_summary(cases, pre, attacked)["all"]
-    summary["asr_interval"] = rate(summary["pre_success"] + summary["attack_success"], summary["n"])
-    summary["pre_asr_interval"] = rate(summary["pre_success"], summary["n"])
-    return summary
+    unlearndiff = UnlearnDiff(
+        attack_settings, _generation(settings), lambda row: references[row.case],
+        lambda: ToyShapeDetector(scorer.model / "classifier", [concept], str(runtime.device)))
+    records = run_attack(unlearndiff, [row.image_row() for row in rows], out_dir, made_by, runtime, pre)
+    return asr([row.case for row in rows], pre, records)

@@ -1,0 +1,19 @@
+"""Attacks on an erased model: one interface (:class:`Attack`), one resumable loop (:func:`run_attack`).
+
+Adding an attack: a module here with an :class:`Attack` subclass (``settings``, ``prepare``,
+``attack_one``), and one line in :data:`ATTACKS` (docs/architecture.md, "Adding an attack").
+"""
+
+from __future__ import annotations
+
+from .base import Attack, Record, asr, run_attack, stale_records
+from .concept_inversion import ConceptInversion
+from .unlearndiff import UnlearnDiff
+
+#: Every attack by name (``evaluate.py --attack_method``).
+ATTACKS: dict[str, type[Attack]] = {
+    UnlearnDiff.name: UnlearnDiff,
+    ConceptInversion.name: ConceptInversion,
+}
+
+__all__ = ["ATTACKS", "Attack", "ConceptInversion", "Record", "UnlearnDiff", "asr", "run_attack", "stale_records"]
