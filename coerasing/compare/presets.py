@@ -127,7 +127,7 @@ def _attack_schema() -> Schema:
 
 def _evaluation_schema(toy: bool) -> Schema:
     if toy:
-        from ..toy.benchmark import ToyEvalSettings
+        from ..toy.protocol import ToyEvalSettings
 
         return dataclass_schema(ToyEvalSettings, {"guidance_scale": (0, 100)})
     from ..eval.config import EvalConfig
