@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from coerasing.methods import cpe  # noqa: E402
+from coerasing.methods.cpe import training as cpe_training  # noqa: E402
 
 
 def sd14_bank(text_length: int, device: torch.device) -> cpe.ProjectionBank:
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer = cpe.ConceptTrainer(eraser, bank, data, config, generator, device)
     trainer.deltas = 0.01 * torch.randn(config.adversarial_prompts, 77, bank.text_dim, generator=generator).to(device)
 
-    optimizer, scheduler = cpe._optimizer(list(eraser.parameters()), config.lr, config.warmup_steps, 10**6, 1)
+    optimizer, scheduler = cpe_training._optimizer(list(eraser.parameters()), config.lr, config.warmup_steps, 10**6, 1)
 
     def erase_step(loss_fn=lambda: trainer.erase_losses()["loss"]) -> None:
         loss = loss_fn()
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         scheduler.step()
 
     deltas = trainer.deltas.clone().requires_grad_(True)
-    attack_optimizer, attack_scheduler = cpe._optimizer([deltas], config.attack_lr, 5, 10**6, 1)
+    attack_optimizer, attack_scheduler = cpe_training._optimizer([deltas], config.attack_lr, 5, 10**6, 1)
 
     def attack_step() -> None:
         loss = trainer.attack_loss(deltas)

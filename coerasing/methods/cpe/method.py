@@ -66,5 +66,3 @@ class CPEMethod(Method):
             points.append(CurvePoint(f"stage{stage}", float(steps), folder / f"stage_{stage}"))
         return points
 
-
-METHODS = {METHOD_NAME: CPEMethod}
