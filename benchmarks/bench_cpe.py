@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    config = cpe.CPEConfig(prompt="nudity", kind=args.kind).resolved()
+    # the bank has SD v1.4's shapes; nothing is loaded from the model
+    config = cpe.CPEConfig(prompt="nudity", kind=args.kind, ckpt_path="CompVis/stable-diffusion-v1-4").resolved()
     bank = sd14_bank(77, device)
     data = synthetic_data(config, 77, bank.text_dim, device)
     generator = torch.Generator().manual_seed(0)
