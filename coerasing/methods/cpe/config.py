@@ -110,7 +110,8 @@ class CPEConfig:
     attack_warmup_steps: int = flag(5, help="linear warm-up steps of each attack phase", group="schedule",
                                     min=0, resume=True)
     ckpt_path: str | None = flag(None, help="base Stable Diffusion model (folder or Hub id); default: the toy "
-                                 "world model for toy concepts, else CompVis/stable-diffusion-v1-4",
+                                 "world model for toy shapes (lent by erase_pipeline.py), else "
+                                 "CompVis/stable-diffusion-v1-4",
                                  group="run", resume=True, path=True)
     seed: int = flag(0, help="seed of every random draw (each concept's generator starts from it)", group="run",
                      min=0, max=SEED_MAX, resume=True)
