@@ -32,8 +32,8 @@ def build_parser(method: str = "coerasing") -> argparse.ArgumentParser:
     """The parser of ``method``'s config (every flag declared once on its dataclass)."""
     chosen = get_method(method) if method in method_names() else None
     if chosen is None or not chosen.trainable:
-        raise CoErasingError(f"--method {method!r} is not trained by this command; use one of "
-                             f"{', '.join(trainable_names())}.")
+        what = "is not trained by this command" if chosen else "is not a known method"
+        raise CoErasingError(f"--method {method!r} {what}; use one of {', '.join(trainable_names())}.")
     parser = build_parser_for(chosen.config_class, "erase_pipeline.py", f"{chosen.summary}\n\n{__doc__}")
     parser.add_argument("--method", default=argparse.SUPPRESS,
                         help="the eraser to train: " + ", ".join(trainable_names()))
