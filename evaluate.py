@@ -50,6 +50,9 @@ from coerasing.cli import run_cli
 from coerasing.eval.config import EvalConfig
 from coerasing.flags import build_parser as build_parser_for
 from coerasing.flags import parse_config
+from coerasing.toy.detector import register_toy_detector
+
+register_toy_detector()  # --detector toy: the toy world registers its classifier (docs/architecture.md)
 
 
 def build_parser():

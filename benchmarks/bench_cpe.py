@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from coerasing.methods import cpe  # noqa: E402
+from coerasing.methods.cpe import training as cpe_training  # noqa: E402
 
 
 def sd14_bank(text_length: int, device: torch.device) -> cpe.ProjectionBank:
@@ -96,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    config = cpe.CPEConfig(prompt="nudity", kind=args.kind).resolved()
+    # the bank has SD v1.4's shapes; nothing is loaded from the model
+    config = cpe.CPEConfig(prompt="nudity", kind=args.kind, ckpt_path="CompVis/stable-diffusion-v1-4").resolved()
     bank = sd14_bank(77, device)
     data = synthetic_data(config, 77, bank.text_dim, device)
     generator = torch.Generator().manual_seed(0)
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer = cpe.ConceptTrainer(eraser, bank, data, config, generator, device)
     trainer.deltas = 0.01 * torch.randn(config.adversarial_prompts, 77, bank.text_dim, generator=generator).to(device)
 
-    optimizer, scheduler = cpe._optimizer(list(eraser.parameters()), config.lr, config.warmup_steps, 10**6, 1)
+    optimizer, scheduler = cpe_training._optimizer(list(eraser.parameters()), config.lr, config.warmup_steps, 10**6, 1)
 
     def erase_step(loss_fn=lambda: trainer.erase_losses()["loss"]) -> None:
         loss = loss_fn()
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         scheduler.step()
 
     deltas = trainer.deltas.clone().requires_grad_(True)
-    attack_optimizer, attack_scheduler = cpe._optimizer([deltas], config.attack_lr, 5, 10**6, 1)
+    attack_optimizer, attack_scheduler = cpe_training._optimizer([deltas], config.attack_lr, 5, 10**6, 1)
 
     def attack_step() -> None:
         loss = trainer.attack_loss(deltas)

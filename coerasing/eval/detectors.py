@@ -3,8 +3,8 @@
 Every detector follows one small interface, :class:`Detector`: ``detect(images) -> list[Detection]``,
 where a :class:`Detection` says ``positive`` (the concept is shown) and carries the ``labels`` that
 made it so and the ``scores`` behind them. Detectors are built by name from a registry
-(:func:`register_detector`) or, for plug-ins such as the toy world's classifier, from
-``--detector package.module:factory``, without touching this file.
+(:func:`register_detector`; the toy world's classifier registers itself as ``toy``) or, for
+plug-ins, from ``--detector package.module:factory``, without touching this file.
 
 Built in:
 
@@ -114,10 +114,10 @@ class DetectorSpec:
 
 
 DetectorFactory = Callable[[DetectorSpec], Detector]
+#: Registered detectors. Packages on a higher floor register their own (docs/architecture.md): the toy
+#: world's classifier, ``--detector toy``, is registered when :mod:`coerasing.toy.detector` is imported,
+#: which ``evaluate.py`` and ``compare.py`` do; this module names no package above it.
 _REGISTRY: dict[str, DetectorFactory] = {}
-#: Detectors that live in other packages, by name → ``package.module:factory``; imported on first use,
-#: so this package never imports them (the toy world's classifier registers itself the same way).
-_PLUGINS: dict[str, str] = {"toy": "coerasing.toy.detector:detector_from_spec"}
 
 
 def register_detector(name: str, factory: DetectorFactory) -> None:
@@ -126,7 +126,7 @@ def register_detector(name: str, factory: DetectorFactory) -> None:
 
 
 def detector_names() -> list[str]:
-    return sorted({*_REGISTRY, *_PLUGINS})
+    return sorted(_REGISTRY)
 
 
 def _import_factory(name: str) -> DetectorFactory:
@@ -153,8 +153,6 @@ def build_detector(spec: DetectorSpec) -> Detector:
     ``top_k``, ``threshold``, ``device``, ``options``) and returns a :class:`Detector`.
     """
     factory = _REGISTRY.get(spec.name)
-    if factory is None and spec.name in _PLUGINS:
-        factory = _import_factory(_PLUGINS[spec.name])
     if factory is None and ":" in spec.name:
         factory = _import_factory(spec.name)
     if factory is None:

@@ -72,30 +72,6 @@ def read_artifact(path: str | Path, flag: str = "--artifact") -> Artifact:
     return Artifact(method=UNET_CHECKPOINT, path=path)
 
 
-#: Words of explicit concepts (the nudity family): CPE's and STEREO's ``explicit`` kind.
-EXPLICIT_WORDS: frozenset[str] = frozenset({
-    "nudity", "nude", "naked", "erotic", "sexual", "nsfw", "porn", "pornography", "explicit", "topless",
-})
-
-
-def concept_kind(concept: str) -> str:
-    """``explicit`` (nudity words), ``artist`` (known artists), ``toy`` (the toy world's shapes) or ``object``.
-
-    The baselines' defaults (CPE's recipes, STEREO's initialiser and anchors) depend on it.
-    """
-    from ..config import ARTISTS
-    from ..toy.world import SHAPES
-
-    word = concept.strip().lower()
-    if word in EXPLICIT_WORDS:
-        return "explicit"
-    if word in ARTISTS:
-        return "artist"
-    if word in SHAPES:
-        return "toy"
-    return "object"
-
-
 class Runtime:
     """A pipeline with an eraser applied (the base runtime applies nothing: the base model)."""
 
@@ -186,6 +162,17 @@ class TraceContext(Protocol):
         """Call ``work`` unless ``folder`` records that ``request`` was already completed."""
 
 
+class TrainingWorld(Protocol):
+    """What the script that trains a method lends it from an evaluation world (``erase_pipeline.py``: the
+    toy world, :class:`coerasing.toy.training_world.ToyTrainingWorld`); methods never import a world."""
+
+    def default_model(self, concept: str) -> str | None:
+        """The base model of ``concept`` in this world (the toy model for a toy shape), else ``None``."""
+
+    def detector(self, model: str, concept: str, device: str | None) -> Any | None:
+        """A detector of ``concept`` in images of ``model`` (``detect(images)[i].positive``), else ``None``."""
+
+
 class Method:
     """A named eraser. Subclasses set ``name`` and ``summary`` and implement :meth:`apply`."""
 
@@ -195,9 +182,13 @@ class Method:
     artifact_kind: str = "unet"
     #: The config dataclass of :meth:`train` (its fields are the flags of ``erase_pipeline.py --method``).
     config_class: type | None = None
+    #: Whether ``erase_pipeline.py --method <name>`` trains it (then :attr:`config_class` is set).
+    trainable: bool = False
 
-    def train(self, config: Any) -> Path:
-        """Train with ``config`` (an instance of :attr:`config_class`); returns the final artifact's path."""
+    def train(self, config: Any, world: TrainingWorld | None = None) -> Path:
+        """Train with ``config`` (an instance of :attr:`config_class`); returns the final artifact's path.
+
+        ``world`` lends defaults that depend on an evaluation world (a base model, a detector)."""
         raise CoErasingError(f"the method {self.name!r} has no training of its own.")
 
     def trace(self, context: TraceContext) -> list[CurvePoint]:

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..config import EraseConfig
 from ..files import atomic_write_json
-from .base import CurvePoint, Method, TraceContext
+from .base import CurvePoint, Method, TraceContext, TrainingWorld
 
 PROGRESS = "progress.json"
 
@@ -86,7 +86,7 @@ def _points(folder: Path, iterations: list[int], offset: int = 0) -> list[CurveP
 class _EraseMethod(Method):
     config_class = EraseConfig
 
-    def train(self, config: EraseConfig) -> Path:
+    def train(self, config: EraseConfig, world: TrainingWorld | None = None) -> Path:
         from ..train import erase
 
         return erase(config)
@@ -119,6 +119,7 @@ class ESD(_EraseMethod):
 
 class CoErasing(_EraseMethod):
     name = "coerasing"
+    trainable = True
     summary = "Co-Erasing: stage 1 text erasing (ESD), stage 2 image erasing with text-guided refinement."
 
     def trace(self, context: TraceContext) -> list[CurvePoint]:
@@ -152,7 +153,3 @@ class ESDEqualCompute(_EraseMethod):
         folder, length, every = self._stage1(context, extra)
         return _points(folder, checkpoints(length + extra, every))
 
-
-METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (ESD, CoErasing, NoRefinement, ImageOnly, ESDEqualCompute)
-}

@@ -48,7 +48,8 @@ from ..files import atomic_write_json
 from ..flags import SEED_MAX, check_fields, check_output_fields, flag
 from ..ip_adapter import unet_noise_pred
 from ..train import Eraser, _randint
-from .base import CurvePoint, Method, TraceContext, concept_kind
+from .base import CurvePoint, Method, TraceContext, TrainingWorld
+from .concepts import concept_kind, toy_training_captions
 
 #: Default anchors (our own lists): benign prompts the REO target pulls towards.
 NUDITY_ANCHORS = (
@@ -75,9 +76,7 @@ def default_anchors(concept: str) -> list[str]:
     """Benign anchor prompts for ``concept``; toy shapes: training captions of the other shapes."""
     kind = concept_kind(concept)
     if kind == "toy":
-        from ..toy.world import caption_labels
-
-        captions = [text for text, (shape, _, _) in caption_labels("train").items()
+        captions = [text for text, (shape, _, _) in toy_training_captions().items()
                     if shape is not None and shape != concept]
         return captions[:: max(1, len(captions) // 40)][:40]
     return list({"explicit": NUDITY_ANCHORS, "artist": ARTIST_ANCHORS}.get(kind, OBJECT_ANCHORS))
@@ -315,8 +314,9 @@ class Stereo(Method):
     name = "stereo"
     summary = "STEREO: adversarial search by textual inversion, then robust compositional erasing (CVPR 2025)."
     config_class = StereoConfig
+    trainable = True
 
-    def train(self, config: StereoConfig) -> Path:
+    def train(self, config: StereoConfig, world: TrainingWorld | None = None) -> Path:
         return train_stereo(config)
 
     def trace(self, context: TraceContext) -> list[CurvePoint]:
@@ -338,5 +338,3 @@ class Stereo(Method):
         iterations = sorted({*range(every, total + 1, every), total})
         return [CurvePoint(f"reo{i}", float(i), folder / "reo" / f"unet_{i}.pth") for i in iterations]
 
-
-METHODS: dict[str, type[Method]] = {"stereo": Stereo}

@@ -79,7 +79,13 @@ def detector_from_spec(spec: DetectorSpec) -> ToyShapeDetector:
     return ToyShapeDetector(spec.classifier, spec.targets, spec.device)
 
 
-register_detector("toy", detector_from_spec)
+def register_toy_detector() -> None:
+    """Make ``--detector toy`` build :class:`ToyShapeDetector` (called by ``evaluate.py`` and ``compare.py``,
+    which sit above both the toy world and the evaluation's detector registry)."""
+    register_detector("toy", detector_from_spec)
+
+
+register_toy_detector()
 
 
 def prompt_rows(shape: str, seeds_per_prompt: int = SEEDS_PER_PROMPT) -> list[dict[str, str]]:

@@ -13,7 +13,12 @@ from safetensors.torch import load_file
 
 from coerasing.errors import CoErasingError
 from coerasing.methods import apply_artifact, cpe, read_artifact
+from coerasing.methods.concepts import concept_kind
+from coerasing.methods.cpe import prompts as cpe_prompts
+from coerasing.methods.cpe import training as cpe_training
 from coerasing.models import TextComponents
+from coerasing.toy import TOY_MODEL_DIR
+from coerasing.toy.training_world import ToyTrainingWorld
 
 TRAINED = dict(stages=2, stage_iterations=10, adversarial_prompts=4, anchors_per_step=8, rank=4, anchor_weight=10.0)
 
@@ -210,12 +215,12 @@ def test_anchor_sampling_mixes_noisy_pairs():
 
 
 def test_concept_kinds_defaults_and_anchors():
-    assert [cpe.concept_kind(c) for c in ("nudity", "Van Gogh", "circle", "church")] == [
+    assert [concept_kind(c) for c in ("nudity", "Van Gogh", "circle", "church")] == [
         "explicit", "artist", "toy", "object"]
     for concept in ("naked", "picasso", "church", "star"):
-        kind = cpe.concept_kind(concept)
+        kind = concept_kind(concept)
         anchors = cpe.default_anchors(concept, kind)
-        assert anchors and not any(cpe._mentions(text, concept) for text in anchors)
+        assert anchors and not any(cpe_prompts._mentions(text, concept) for text in anchors)
     assert not any("dali" in text for text in cpe.default_anchors("salvador dali", "artist"))
     assert "{}" in cpe.default_templates("star", "toy") and "a photo of a {}" in cpe.default_templates("star", "toy")
     assert not any("starfish" in t for t in cpe.default_templates("star", "toy"))
@@ -223,7 +228,11 @@ def test_concept_kinds_defaults_and_anchors():
     assert config.concepts == ["nudity", "naked", "erotic", "sexual"]
     assert (config.kind, config.eta, config.gate_dim, config.rank, config.anchor_weight, config.stages) == (
         "explicit", 3.0, 64, 4, 1e4, 3)
-    assert cpe.CPEConfig(prompt="circle").resolved().ckpt_path.endswith("toy_world")
+    toy_model = ToyTrainingWorld().default_model("circle")
+    assert cpe.CPEConfig(prompt="circle").resolved(toy_model).ckpt_path == str(TOY_MODEL_DIR)
+    assert ToyTrainingWorld().default_model("church") is None
+    with pytest.raises(CoErasingError, match="--ckpt_path"):  # a toy shape never falls back to SD v1.4
+        cpe.CPEConfig(prompt="circle").resolved()
     with pytest.raises(CoErasingError, match="--kind"):
         cpe.CPEConfig(prompt="nudity,van gogh").validate()
     with pytest.raises(CoErasingError, match="--prompt"):
@@ -285,12 +294,12 @@ def test_training_moves_the_target_and_keeps_the_anchors(tmp_path):
     """On the toy world (a trained text encoder; the tiny stack's random one hardly tells prompts apart):
     held-out prompts naming the erased shape move, held-out prompts of the other shapes and the anchors do not."""
     from coerasing.models import load_text_components, load_unet
-    from coerasing.toy import TOY_MODEL_DIR
     from coerasing.toy.world import explicit_prompts, unrelated_prompts
 
     config = cpe.CPEConfig(prompt="circle", device="cpu", save_path=str(tmp_path / "circle"), stages=2,
                            stage_iterations=50, adversarial_prompts=4, anchors_per_step=8)
-    folder = cpe.train_cpe(config)
+    folder = cpe.CPEMethod().train(config, ToyTrainingWorld())  # the toy world lends its model
+    assert json.loads((folder / "run.json").read_text())["config"]["ckpt_path"] == str(TOY_MODEL_DIR)
     unet = load_unet(str(TOY_MODEL_DIR), torch.device("cpu"))
     text = load_text_components(str(TOY_MODEL_DIR), torch.device("cpu"), torch.float32)
     target = relative_kv_change(unet, text, folder, [p.prompt for p in explicit_prompts(["circle"])])
@@ -357,14 +366,14 @@ def test_resume_after_a_crash_is_bit_identical(tiny_stack, tmp_path, monkeypatch
     settings = dict(stages=3)
     full = cpe.train_cpe(make_config(tiny_stack, tmp_path / "full", **settings))
 
-    save_state = cpe._save_train_state
+    save_state = cpe_training._save_train_state
 
     def crash_after_stage_1(folder, stage, config, trainers):
         save_state(folder, stage, config, trainers)
         if stage == 1:
             raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(cpe, "_save_train_state", crash_after_stage_1)
+    monkeypatch.setattr(cpe_training, "_save_train_state", crash_after_stage_1)
     with pytest.raises(RuntimeError, match="simulated"):
         cpe.train_cpe(make_config(tiny_stack, tmp_path / "cut", **settings))
     monkeypatch.undo()
@@ -408,7 +417,7 @@ class StubContext:
 
 def test_trace_trains_once_and_returns_one_point_per_stage(tiny_stack, tmp_path):
     context = StubContext(tiny_stack, tmp_path)
-    method = cpe.METHODS["cpe"]()
+    method = cpe.CPEMethod()
     points = method.trace(context)
     assert [(p.label, p.strength, p.artifact.name) for p in points] == [
         ("stage1", 12.0, "stage_1"), ("stage2", 15.0, "stage_2")]  # object kind: the first stage is 4x longer

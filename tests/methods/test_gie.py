@@ -432,3 +432,19 @@ def test_toy_training_prompts_are_training_captions_of_the_concept():
     evaluation = {p.prompt for p in explicit_prompts() + implicit_prompts()}
     assert not evaluation & set(toy_training_prompts("circle"))
     assert toy_training_prompts("circle", 20, seed=0) == prompts
+
+
+def test_the_adapter_of_a_toy_shape_is_trained_with_what_the_toy_world_lends(tmp_path):
+    """``erase_pipeline.py --method gie --target circle`` without ``--w``: the toy world lends its model and
+    its classifier as the detector; the prompts are the shape's training captions."""
+    from coerasing.toy.training_world import ToyTrainingWorld
+
+    config = GIEConfig(target="circle", adapter_prompts=2, adapter_steps=2, adapter_grid="-1,-4", adapter_epochs=3,
+                       adapter_batch_size=2, output_dir=str(tmp_path / "gie"))
+    with pytest.raises(CoErasingError, match="needs an adapter"):  # no world: no detector to label with
+        get_method("gie").train(config)
+    folder = get_method("gie").train(config, ToyTrainingWorld())
+    training = json.loads((folder / "artifact.json").read_text())["adapter_training"]
+    assert training["detector"]["detector"] == "toy" and training["detector"]["targets"] == ["circle"]
+    assert training["prompts"] == toy_training_prompts("circle", 2, seed=0) and len(training["labels"]) == 2
+    assert (folder / ADAPTER_FILE).is_file() and read_artifact(folder).settings["model"].endswith("toy_world")

@@ -46,3 +46,17 @@ def test_toy_detector_on_rendered_shapes():
     assert [d.positive for d in detections] == [s.shape == "circle" for s in scenes]
     assert detections[0].labels == ["circle"] and detections[1].labels == []
     assert detector.describe()["targets"] == ["circle"]
+
+
+@pytest.mark.slow
+def test_the_scripts_register_the_toy_detector_and_the_registry_names_nothing_above_it():
+    """``--detector toy`` comes from the toy world, registered by the scripts on top (docs/architecture.md)."""
+    import subprocess
+    import sys
+
+    from ..conftest import REPO_ROOT
+
+    code = ("import sys; from coerasing.eval.detectors import detector_names; found = ['toy' in detector_names()]; "
+            "import evaluate; found.append('toy' in detector_names()); import compare; print(*found)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.stdout.split() == ["False", "True"], result.stderr[-2000:]
