@@ -38,7 +38,9 @@ def _script(name: str):
 def commands() -> Iterator[tuple[str, argparse.ArgumentParser]]:
     """(heading, parser) for every command line, in the order of the reference."""
     erase = _script("erase_pipeline")
-    for method in erase.TRAINABLE:
+    from coerasing.methods import trainable_names
+
+    for method in trainable_names():
         yield f"erase_pipeline.py --method {method}", erase.build_parser(method)
     for name in ("generate_data", "evaluate", "compare"):
         yield f"{name}.py", _script(name).build_parser()
