@@ -7,8 +7,9 @@
 Every flag is declared once, on a config dataclass (``coerasing/flags.py``); the scripts turn those
 declarations into parsers (``build_parser``). This script reads the parsers' actions and formats
 them itself (one markdown table per command and flag group), so the output does not depend on the
-terminal width. ``erase_pipeline.py`` gets one section per method it trains: whatever its
-``trainable_names()`` lists (methods whose class sets ``trainable = True``), so a newly added method appears without touching this script.
+terminal width. ``erase_pipeline.py`` gets one section per method it trains: whatever
+``trainable_names()`` lists (methods whose class sets ``trainable = True``), so a newly added
+method appears without touching this script.
 """
 
 from __future__ import annotations
