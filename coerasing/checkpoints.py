@@ -92,12 +92,14 @@ def git_commit(path: str | Path | None = None) -> str | None:
     return f"{commit}-dirty" if dirty else commit
 
 
-def write_run_json(folder: str | Path, config: dict[str, Any], **extra: Any) -> Path:
+def write_run_json(folder: str | Path, config: dict[str, Any], method: str | None = None, **extra: Any) -> Path:
     """Write ``folder/run.json``: resolved config, library versions, commit, command line, and ``extra``.
 
-    Every command that writes results (training, generation, attack, comparison) records itself so.
+    Every command that writes results (training, generation, attack, comparison) records itself so;
+    a training run also records its ``method`` (:func:`run_owner` reads it).
     """
     payload = {
+        **({"method": method} if method else {}),
         "config": config,
         "versions": library_versions(),
         "git_commit": git_commit(),
@@ -171,3 +173,84 @@ class LossLog(CsvLog):
         super().close()
         if self._tensorboard is not None:
             self._tensorboard.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Whose run a folder holds
+
+
+def _json_object(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+#: Settings that only one method's config has: how a ``run.json`` written before it named its method is read.
+_SIGNATURES = (("reo_lr", "stereo"), ("gate_dim", "cpe"), ("cross_fraction", "gie"), ("modality", "coerasing"))
+
+
+def run_owner(folder: str | Path) -> str | None:
+    """The method whose run ``folder`` holds (``run.json``'s ``method``, else its files), ``None`` if none.
+
+    An erasing run of ``erase_pipeline.py`` (either stage, or a stage inside STEREO) is ``coerasing``.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    for name in ("run.json", "artifact.json"):
+        data = _json_object(folder / name)
+        if data and isinstance(data.get("method"), str):
+            return data["method"]
+    if (folder / "stereo.json").exists():
+        return "stereo"
+    if (folder / "cpe.json").exists():
+        return "cpe"
+    run = _json_object(folder / "run.json")
+    if run and isinstance(run.get("config"), dict):
+        return next((method for key, method in _SIGNATURES if key in run["config"]), "unknown")
+    if any((folder / name).exists() for name in (TRAIN_STATE, "unet.pth", "loss.csv", "run.json")) or \
+            any(folder.glob("unet_*.pth")):
+        return "coerasing"
+    return None
+
+
+def _within(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def claim_run_folder(
+    folder: str | Path, method: str, *, overwrite: bool = False, owned: tuple[str, ...] = (),
+    inputs: dict[str, str | Path | None] | None = None, save_flag: str = "--save_path",
+) -> None:
+    """Make ``folder`` ready for a run of ``method``: never another method's run, never the command's inputs.
+
+    A folder that holds another method's run is refused, with or without ``--overwrite``. With
+    ``overwrite``, only the files and folders matching ``owned`` (glob patterns of what ``method``
+    writes) are removed; other files stay. An input of the command (``inputs``: flag → path) among
+    them is refused before anything is removed.
+    """
+    import shutil
+
+    folder = Path(folder).expanduser()
+    owner = run_owner(folder)
+    if owner is not None and owner != method:
+        raise CoErasingError(f"{save_flag} {folder} holds a {owner} run; a {method} run never writes into another "
+                             "method's folder, with or without --overwrite. Pass another folder.")
+    if not overwrite or not folder.is_dir():
+        return
+    doomed = sorted({path for pattern in owned for path in folder.glob(pattern)})
+    for flag, value in (inputs or {}).items():
+        if value and any(_within(Path(value).expanduser(), path) for path in doomed):
+            raise CoErasingError(f"{flag} {value} lies among the files that --overwrite would remove from {folder}; "
+                                 "move it out of that folder first, or pass another folder.")
+    for path in doomed:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)

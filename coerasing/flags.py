@@ -198,6 +198,23 @@ def check_fields(config: Any) -> None:
         check_value(f, getattr(config, f.name))
 
 
+def typed_settings(cls: type, settings: dict[str, Any], source: str) -> dict[str, Any]:
+    """The entries of ``settings`` (e.g. an artifact's) that are flags of ``cls``, converted and range-checked.
+
+    Errors name ``source`` and the key (``artifact.json settings.w``); unknown keys are left out.
+    """
+    types_ = flag_types(cls)
+    declared = {f.name: f for f in flag_fields(cls)}
+    out = {}
+    for key, value in settings.items():
+        if key in types_:
+            kind, optional = types_[key]
+            where = f"{source} settings.{key}"
+            out[key] = convert(key, kind, optional, value, where=where)
+            check_value(declared[key], out[key], where)
+    return out
+
+
 def resolved_path(value: str | None) -> str | None:
     """An existing local path as an absolute resolved path; anything else (a Hub id, ``None``) unchanged."""
     if value is None:

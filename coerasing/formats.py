@@ -141,6 +141,53 @@ def _read_safetensors(path: Path, flag: str) -> dict[str, torch.Tensor]:
         raise _fail(flag, path, f"a file with a safetensors header that could not be read ({_short(exc)})") from exc
 
 
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The first key whose floating-point tensor holds a NaN or an infinity, else ``None``."""
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return key
+    return None
+
+
+def check_finite(tensors: dict[str, torch.Tensor], flag: str, path: str | Path) -> None:
+    """Refuse weights with NaN or infinite values: a model made of them draws blank images, never erasure."""
+    key = first_non_finite(tensors)
+    if key is not None:
+        raise CoErasingError(
+            f"{flag} {path}: the weights hold NaN or infinite values (first in {key}), so every image it made "
+            "would be blank. The run that wrote them diverged or the file is damaged: use an earlier checkpoint, "
+            "or train again (a lower learning rate, or --mixed_precision no)."
+        )
+
+
+def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a file that must be safetensors (an artifact's weights), checked finite.
+
+    Anything else (a PyTorch pickle or zip, a truncated or garbled file) is refused with an error that
+    names the file, and is never unpickled.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CoErasingError(f"{what} {path} is missing; the artifact is incomplete: write it again.")
+    kind = sniff_container(path)
+    if kind != "safetensors":
+        found = "a PyTorch pickle or zip" if kind == "torch" else "no complete safetensors header (truncated, or "\
+            "another format)"
+        raise CoErasingError(f"{what} {path} must be a safetensors file but holds {found}; it is not read (a "
+                             "pickle could run code). Write the artifact again.")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - not a dict
+    except Exception as exc:  # noqa: BLE001 - SafetensorError is no OSError: truncated or garbled files alike
+        raise CoErasingError(f"{what} {path} is not a readable safetensors file ({_short(exc)}); it may be "
+                             "truncated. Write the artifact again.") from exc
+    check_finite(tensors, what, path)
+    return tensors, metadata
+
+
 def _read_torch(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], bool]:
     """Tensors of a weights-only PyTorch file, and whether they were wrapped in ``state_dict``."""
     try:
@@ -314,6 +361,7 @@ def read_checkpoint(
             what = "a safetensors file"
         else:
             raise _fail(flag, path, "a file that is neither a PyTorch file (zip or pickle) nor a safetensors file")
+    check_finite(tensors, flag, path)
     tensors, dropped = _drop_ip_keys(tensors, path, flag)
     missing = _check_keys(tensors, base_state_dict, path, flag, what, allow_partial=container == "safetensors")
     partial = bool(missing)

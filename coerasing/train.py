@@ -209,24 +209,30 @@ def check_against_model(config: EraseConfig) -> None:
         )
 
 
+#: What an erasing run writes into its folder: ``--overwrite`` removes these and nothing else.
+ERASE_FILES = ("unet*.pth", *RUN_FILES, "unet.safetensors", "unet_diffusers")
+
+
 def check_run_folder(config: EraseConfig, folder: Path) -> None:
-    """Refuse to start a new run over an existing one: nothing is lost without ``--overwrite``."""
+    """Refuse to start a new run over an existing one: nothing is lost without ``--overwrite``.
+
+    Another method's run is never written into, and ``--overwrite`` removes only what an erasing
+    run writes, never the command's own inputs.
+    """
+    inputs = {"--image": config.image, "--unet_ckpt_path": config.unet_ckpt_path,
+              "--contrastive_image": config.contrastive_image}
     if config.resume or not folder.is_dir():
+        ckpt.claim_run_folder(folder, "coerasing")
         return
     found = [name for name in RUN_FILES if (folder / name).exists()]
     found += sorted(p.name for p in folder.glob("unet_*.pth"))[:3]
-    if not found:
-        return
-    if not config.overwrite:
+    ckpt.claim_run_folder(folder, "coerasing", overwrite=bool(found) and config.overwrite, owned=ERASE_FILES,
+                     inputs=inputs)
+    if found and not config.overwrite:
         raise CoErasingError(
             f"{folder} already holds a run ({', '.join(found)}). Pass --resume to continue it, --overwrite to "
             "replace it, or another --save_path/--output_dir for a new run."
         )
-    for path in [*folder.glob("unet*.pth"), *(folder / name for name in RUN_FILES), folder / "unet.safetensors"]:
-        path.unlink(missing_ok=True)
-    import shutil
-
-    shutil.rmtree(folder / "unet_diffusers", ignore_errors=True)
 
 
 def load_models(config: EraseConfig) -> Models:
@@ -547,7 +553,7 @@ class Eraser:
         start = self._resume() if config.resume else 0
         if start is None:
             return self.folder / "unet.pth"
-        ckpt.write_run_json(self.folder, config.to_dict(), status="running", started_at_iteration=start)
+        ckpt.write_run_json(self.folder, config.to_dict(), "coerasing", status="running", started_at_iteration=start)
         log = ckpt.LossLog(self.folder, config.logging_dir, resume_from=start)
         progress = tqdm(range(start, config.iterations), initial=start, total=config.iterations,
                         desc=f"erasing ({config.modality})", dynamic_ncols=True)
@@ -573,12 +579,12 @@ class Eraser:
                 self.models.trainable, self.folder, config.save_formats, keys=self.models.plain_keys
             )
         except BaseException as exc:
-            ckpt.write_run_json(self.folder, config.to_dict(), status=f"stopped: {type(exc).__name__}: {exc}",
-                                started_at_iteration=start)
+            ckpt.write_run_json(self.folder, config.to_dict(), "coerasing",
+                                status=f"stopped: {type(exc).__name__}: {exc}", started_at_iteration=start)
             raise
         finally:
             log.close()
-        ckpt.write_run_json(self.folder, config.to_dict(), status="finished", started_at_iteration=start,
+        ckpt.write_run_json(self.folder, config.to_dict(), "coerasing", status="finished", started_at_iteration=start,
                             final_checkpoint=str(final), exports=[str(path) for path in extra])
         print(f"saved {final}" + "".join(f"\nsaved {path}" for path in extra))
         return final

@@ -113,6 +113,20 @@ def locked(path: Path, poll: float = 1.0) -> Iterator[None]:
         path.unlink(missing_ok=True)
 
 
+#: Settings that hold a location: a relative value that exists is a path (``x``, ``./x``: one setting).
+PATH_KEYS = frozenset({"ckpt_path", "model", "image", "unet_ckpt_path", "ip_adapter", "image_encoder_path",
+                       "contrastive_image", "classifier", "clip_model", "nudenet_weights", "anchors", "artifact"})
+
+
+def _looks_like_path(text: str, key: str | None) -> bool:
+    """An absolute path, or a relative one that exists where it names a location (or looks like one)."""
+    if os.path.isabs(os.path.expanduser(text)):
+        return True
+    if key in PATH_KEYS or "/" in text or text.startswith("."):
+        return bool(text.strip()) and Path(text).expanduser().exists()
+    return False
+
+
 def _save_npz(path: Path, arrays: dict[str, Any]) -> None:
     with path.open("wb") as handle:  # a file object: np.savez would add ".npz" to a name
         np.savez(handle, **arrays)
@@ -123,9 +137,35 @@ class Cache:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root) / "cache"
+        #: The output folder: paths inside it are keyed relative to it (see :meth:`portable`).
+        self.output = Path(root).expanduser().resolve()
+
+    def portable(self, payload: Any, key: str | None = None) -> Any:
+        """``payload`` with every local path resolved, and written relative to the output folder inside it.
+
+        So ``./x`` and ``x`` are one setting, and a comparison folder copied or moved elsewhere keeps its
+        keys: nothing is retrained or re-evaluated for it. (Base models are keyed by their content's
+        fingerprint besides their path, by the protocols.)
+        """
+        if isinstance(payload, dict):
+            return {name: self.portable(value, str(name)) for name, value in payload.items()}
+        if isinstance(payload, (list, tuple)):
+            return [self.portable(value, key) for value in payload]
+        if isinstance(payload, Path) or (isinstance(payload, str) and _looks_like_path(payload, key)):
+            path = Path(payload).expanduser().resolve()
+            if path == self.output or self.output in path.parents:
+                relative = path.relative_to(self.output).as_posix()
+                return "<output>" if relative == "." else f"<output>/{relative}"
+            return str(path)
+        return payload
+
+    def key(self, payload: Any) -> str:
+        """The cache key of ``payload`` (:func:`key_of` of its :meth:`portable` form)."""
+        return key_of(self.portable(payload))
 
     def folder(self, kind: str, payload: Any) -> Path:
         """``cache/<kind>/<key>/`` for ``payload``, with its request recorded."""
+        payload = self.portable(payload)
         folder = self.root / kind / key_of(payload)
         if not (folder / REQUEST).exists():
             atomic_write_json(folder / REQUEST, {"kind": kind, "payload": payload, "version": CACHE_VERSION})
@@ -143,6 +183,7 @@ class Cache:
 
     def once(self, folder: Path, request: Any, work: Callable[[], None]) -> None:
         """Run ``work`` unless ``folder`` is marked done for ``request``; mark it done afterwards."""
+        request = self.portable(request)
         if self.is_done(folder, request):
             return
         with locked(folder.parent / f".{folder.name}.lock"):
@@ -157,6 +198,7 @@ class Cache:
         Arrays that ``compute`` returns under ``"arrays"`` go to ``<key>.npz`` beside it (written first).
         The result's ``"path"`` is the JSON file.
         """
+        payload = self.portable(payload)
         key = key_of(payload)
         path = self.root / kind / f"{key}.json"
         if not path.exists():

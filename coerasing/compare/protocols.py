@@ -128,8 +128,9 @@ class EvaluationProtocol(ABC):
         return None
 
     def attack_identity(self) -> dict[str, Any]:
-        """What the attacks depend on besides :meth:`identity` and the erased model."""
-        return {"attack": self.attack_block}
+        """What the attacks depend on besides :meth:`identity` and the erased model: their settings, and
+        the reference images' (concept inversion learns its word from them)."""
+        return {"attack": self.attack_block, "references": dict(self.presets.get("references") or {})}
 
     @staticmethod
     def pre_attack(test: dict[str, Any], rows: list[Any]) -> dict[str, bool]:

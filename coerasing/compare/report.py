@@ -258,8 +258,12 @@ def _plot_against_strength(records: Sequence[dict[str, Any]], methods: Sequence[
     _save_figure(fig, path)
 
 
-def grid_concept(records: Sequence[dict[str, Any]], methods: Sequence[str], concept: str, path: Path) -> None:
-    """Rows: base and each method at its chosen point (first seed); columns: the test grid's prompts."""
+def grid_concept(records: Sequence[dict[str, Any]], methods: Sequence[str], concept: str, path: Path,
+                 root: Path | None = None) -> None:
+    """Rows: base and each method at its chosen point (first seed); columns: the test grid's prompts.
+
+    ``root``: the output folder that the records' entry paths are relative to (default: ``path``'s folder)."""
+    root = Path(path).parent if root is None else Path(root)
     record = min((r for r in records if r["concept"] == concept), key=lambda r: r["seed"])
     rows, labels, columns = [], [], None
     entries = [("base", record["base"]["test"]["entry"])]
@@ -268,9 +272,10 @@ def grid_concept(records: Sequence[dict[str, Any]], methods: Sequence[str], conc
         point = next(p for p in entry["points"] if p["label"] == entry["chosen"]["label"])
         entries.append((f"{method} {point['label']}", point["test"]["entry"]))
     for label, entry in entries:
-        meta = json.loads(Path(entry).read_text(encoding="utf-8"))
+        entry_path = root / entry
+        meta = json.loads(entry_path.read_text(encoding="utf-8"))
         columns = columns or meta["grid_columns"]
-        with np.load(Path(entry).with_suffix(".npz")) as arrays:
+        with np.load(entry_path.with_suffix(".npz")) as arrays:
             rows.append(list(arrays["grid"]))
         labels.append(label)
     grid = image_grid(rows, cell=72, row_labels=labels, column_labels=[c["prompt"] for c in columns],
@@ -299,7 +304,7 @@ def write_results(folder: str | Path, records: Sequence[dict[str, Any]], methods
     }
     for concept in summary["concepts"]:
         plot_concept(records, methods, concept, folder / f"plot_{concept}.png", metrics)
-        grid_concept(records, methods, concept, folder / f"grid_{concept}.png")
+        grid_concept(records, methods, concept, folder / f"grid_{concept}.png", folder)
         paths[f"plot_{concept}"] = folder / f"plot_{concept}.png"
         paths[f"grid_{concept}"] = folder / f"grid_{concept}.png"
     return paths

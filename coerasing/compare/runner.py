@@ -108,8 +108,8 @@ def attack_point(cache: Cache, protocol: EvaluationProtocol, pipe: Any, concept:
         base_images = references()  # the base model's images: made before the artifact is applied
         runtime = apply_artifact(pipe, point.artifact if point else None)
         try:
-            folder = cache.root / "attacks" / key_of(payload)
-            origin = {"key": key_of(made_by)}
+            folder = cache.root / "attacks" / cache.key(payload)
+            origin = {"key": cache.key(made_by)}
             return {"asr": protocol.attack(runtime, concept, test, base_images, folder, origin),
                     "inversion": protocol.concept_inversion(runtime, concept, concept_images(),
                                                             folder / "concept_inversion", origin)}
@@ -119,8 +119,9 @@ def attack_point(cache: Cache, protocol: EvaluationProtocol, pipe: Any, concept:
     return cache.json_entry("attacks", payload, compute)
 
 
-def _summary(entry: dict[str, Any]) -> dict[str, Any]:
-    return {"metrics": entry["metrics"], "entry": entry["path"]}
+def _summary(entry: dict[str, Any], cache: Cache) -> dict[str, Any]:
+    """A job record's view of a cache entry: its metrics and its file, relative to the output folder."""
+    return {"metrics": entry["metrics"], "entry": os.path.relpath(entry["path"], cache.output)}
 
 
 def run_job(config: CompareConfig, presets: dict[str, Any], concept: str, seed: int, methods: Sequence[str],
@@ -149,7 +150,7 @@ def run_job(config: CompareConfig, presets: dict[str, Any], concept: str, seed: 
         return references_memo["images"]
 
     record: dict[str, Any] = {
-        "concept": concept, "seed": seed, "base": {split: _summary(base[split]) for split in SPLITS},
+        "concept": concept, "seed": seed, "base": {split: _summary(base[split], cache) for split in SPLITS},
         "methods": {}, "rule": {"max_usability_drop": rule},
     }
     if not config.skip_attack:
@@ -164,8 +165,8 @@ def run_job(config: CompareConfig, presets: dict[str, Any], concept: str, seed: 
         choice = choose_operating_point(candidates, base["validation"]["metrics"], protocol.erasure,
                                         protocol.usability, rule)
         method_record: dict[str, Any] = {
-            "points": [{"label": p.label, "strength": p.strength, "artifact": str(p.artifact),
-                        **{split: _summary(e[split]) for split in SPLITS}} for p, e in evaluated],
+            "points": [{"label": p.label, "strength": p.strength, "artifact": cache.portable(str(p.artifact)),
+                        **{split: _summary(e[split], cache) for split in SPLITS}} for p, e in evaluated],
             "chosen": asdict(choice),
         }
         if not config.skip_attack:

@@ -34,18 +34,31 @@ UNET_CHECKPOINT = "unet"
 
 @dataclass
 class Artifact:
-    """A trained eraser on disk: its method's name, its folder (or UNet file) and settings."""
+    """A trained eraser on disk: its method's name, its folder (or UNet file), settings and named files."""
 
     method: str
     path: Path
     settings: dict[str, Any] = field(default_factory=dict)
+    #: What ``artifact.json`` names besides method and settings, e.g. ``{"weights": "cpe.safetensors"}``.
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def folder(self) -> Path:
         return self.path if self.path.is_dir() else self.path.parent
 
+    def file(self, key: str, default: str) -> Path:
+        """The file ``artifact.json`` names under ``key`` (else ``default``), inside the artifact's folder.
+
+        ``read_artifact`` has already refused names that leave the folder; the file may still be missing.
+        """
+        return self.folder / str(self.extra.get(key, default))
+
     def describe(self) -> dict[str, Any]:
         return {"method": self.method, "path": str(self.path), "settings": self.settings}
+
+
+#: Keys of ``artifact.json`` that name a file of the artifact (checked to lie inside its folder).
+FILE_KEYS = ("layout", "weights", "adapter")
 
 
 def write_artifact(folder: str | Path, method: str, settings: dict[str, Any], **extra: Any) -> Path:
@@ -55,21 +68,54 @@ def write_artifact(folder: str | Path, method: str, settings: dict[str, Any], **
     return atomic_write_text(folder / ARTIFACT_FILE, json.dumps(payload, indent=2, default=str) + "\n")
 
 
+def _inside(folder: Path, name: Any, where: str) -> str:
+    """``name`` if it is a relative file name that stays inside ``folder`` (no absolute path, no ``..``)."""
+    if not isinstance(name, str) or not name.strip():
+        raise CoErasingError(f"{where} must be a file name inside the artifact's folder, got {name!r}.")
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise CoErasingError(f"{where} {name!r} points outside the artifact's folder {folder}; an artifact names "
+                             "only its own files. Fix artifact.json or write the artifact again.")
+    return name
+
+
 def read_artifact(path: str | Path, flag: str = "--artifact") -> Artifact:
-    """Any artifact: a folder with ``artifact.json``, else a UNet checkpoint (file or diffusers folder)."""
+    """Any artifact: a folder with ``artifact.json``, else a UNet checkpoint (file or diffusers folder).
+
+    ``artifact.json`` is checked: a mapping with a ``method`` name, ``settings`` a mapping, and every
+    file it names (:data:`FILE_KEYS`) inside the folder and present.
+    """
     path = Path(path).expanduser()
     if not path.exists():
         raise CoErasingError(
             f"{flag} {path} does not exist; pass an erased UNet checkpoint (unet.pth, .pt, .safetensors, a "
             "diffusers UNet folder) or a method's artifact folder (with artifact.json)."
         )
-    if path.is_dir() and (path / ARTIFACT_FILE).is_file():
-        try:
-            data = json.loads((path / ARTIFACT_FILE).read_text(encoding="utf-8"))
-            return Artifact(method=str(data["method"]), path=path, settings=dict(data.get("settings") or {}))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CoErasingError(f"{flag} {path}: {ARTIFACT_FILE} is not readable ({exc}).") from exc
-    return Artifact(method=UNET_CHECKPOINT, path=path)
+    if not (path.is_dir() and (path / ARTIFACT_FILE).is_file()):
+        return Artifact(method=UNET_CHECKPOINT, path=path)
+    source = f"{flag} {path}: {ARTIFACT_FILE}"
+    try:
+        data = json.loads((path / ARTIFACT_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CoErasingError(f"{source} is not readable JSON ({exc}); it may be truncated. Write the artifact "
+                             "again.") from exc
+    if not isinstance(data, dict):
+        raise CoErasingError(f"{source} must be a JSON object with 'method' and 'settings', got "
+                             f"{type(data).__name__}.")
+    method, settings = data.get("method"), data.get("settings", {})
+    if not isinstance(method, str) or not method.strip():
+        raise CoErasingError(f"{source} names no method ('method' must be a method's name, e.g. \"cpe\").")
+    if not isinstance(settings, dict):
+        raise CoErasingError(f"{source}: 'settings' must be a mapping of setting names to values, got "
+                             f"{type(settings).__name__}.")
+    extra = {key: value for key, value in data.items() if key not in ("method", "settings")}
+    for key in FILE_KEYS:
+        if key in extra:
+            name = _inside(path, extra[key], f"{source}: '{key}'")
+            if not (path / name).is_file():
+                raise CoErasingError(f"{source} names the file {name!r} ('{key}'), which is missing from the "
+                                     "folder; the artifact is incomplete: write it again.")
+    return Artifact(method=method, path=path, settings=settings, extra=extra)
 
 
 class Runtime:

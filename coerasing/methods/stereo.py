@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoints import write_run_json
+from ..checkpoints import claim_run_folder, write_run_json
 from ..choices import DEFAULT_MODEL, SAMPLERS, TRAIN_METHODS
 from ..config import MAX_STEPS, EraseConfig
 from ..errors import CoErasingError
@@ -233,6 +233,10 @@ def _chunks(files: list[Path], count: int) -> list[list[Path]]:
     return [files[i * size : (i + 1) * size] or files for i in range(count)]
 
 
+#: What a STEREO run writes into its folder: ``--overwrite`` removes these and nothing else.
+STEREO_FILES = ("run.json", "stereo.json", "tokens", "round_*", "reo")
+
+
 def train_stereo(config: StereoConfig) -> Path:
     """STE rounds, then REO (module docstring); returns the final ``unet.pth``. Resumable between rounds."""
     from ..images import list_image_files, load_images
@@ -240,13 +244,11 @@ def train_stereo(config: StereoConfig) -> Path:
     from ..textual_inversion import TextualInversionSettings, learn_token, save_token
     config.validate()
     folder = config.run_folder()
-    if folder.exists() and (folder / "run.json").exists() and not (config.resume or config.overwrite):
+    claim_run_folder(folder, "stereo", overwrite=config.overwrite and not config.resume, owned=STEREO_FILES,
+                     inputs={"--image": config.image, "--anchors": config.anchors})
+    if (folder / "run.json").exists() and not (config.resume or config.overwrite):
         raise CoErasingError(f"{folder} already holds a STEREO run; pass --resume to continue it, --overwrite to "
                              "replace it, or another --save_path.")
-    if config.overwrite and folder.exists():
-        import shutil
-
-        shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state_path = folder / "stereo.json"
     settings = asdict(config)
@@ -258,7 +260,7 @@ def train_stereo(config: StereoConfig) -> Path:
             raise CoErasingError(f"--resume: the STEREO run in {folder} was started with other settings "
                                  f"({', '.join(changed)}); resume with them or use another --save_path.")
     atomic_write_json(state_path, {"settings": fixed})
-    write_run_json(folder, settings, status="running")
+    write_run_json(folder, settings, "stereo", status="running")
     frozen_device, _ = parse_devices(config.devices)
     images = list_image_files(config.image)
     chunks = _chunks(images, config.rounds)
@@ -303,7 +305,7 @@ def train_stereo(config: StereoConfig) -> Path:
         CompositionalEraser(reo, text, negatives, config.anchor_list(), config.anchor_weight,
                             config.negative_weight).run()
     final = reo_dir / "unet.pth"
-    write_run_json(folder, settings, status="finished", final_checkpoint=str(final), negatives=negatives,
+    write_run_json(folder, settings, "stereo", status="finished", final_checkpoint=str(final), negatives=negatives,
                    anchors=config.anchor_list(), initializer=initializer)
     return final
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..base import Artifact, CurvePoint, Method, Runtime, TraceContext, TrainingWorld
-from .config import METHOD_NAME, TRAIN_STATE_FILE, CPEConfig
+from .config import LAYOUT_FILE, METHOD_NAME, TRAIN_STATE_FILE, WEIGHTS_FILE, CPEConfig
 from .io import load_cpe
 from .modules import CPEAdapter, CPELayout, attach_cpe
 from .training import stage_plan, train_cpe
@@ -36,7 +36,8 @@ class CPEMethod(Method):
     trainable = True
 
     def apply(self, artifact: Artifact, pipe: Any) -> CPERuntime:
-        adapter, layout = load_cpe(artifact.folder)
+        adapter, layout = load_cpe(artifact.folder, artifact.file("layout", LAYOUT_FILE),
+                                   artifact.file("weights", WEIGHTS_FILE))
         return CPERuntime(pipe, artifact, adapter, layout)
 
     def train(self, config: CPEConfig, world: TrainingWorld | None = None) -> Path:

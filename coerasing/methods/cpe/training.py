@@ -365,9 +365,10 @@ def _train(config: CPEConfig, device: torch.device) -> Path:
     """:func:`train_cpe` after the config is resolved and the device chosen."""
     from tqdm.auto import tqdm
 
-    from ...checkpoints import write_run_json
+    from ...checkpoints import claim_run_folder, write_run_json
 
     folder = config.run_folder()
+    claim_run_folder(folder, "cpe")
     if not config.resume and ((folder / TRAIN_STATE_FILE).exists() or (folder / ARTIFACT_FILE).exists()):
         raise CoErasingError(f"{folder} already holds a CPE run. Pass --resume true to continue it, or another "
                              "--save_path for a new run.")
@@ -378,7 +379,7 @@ def _train(config: CPEConfig, device: torch.device) -> Path:
     trainers = _new_trainers(config, bank, data, device)
     start = _restore(folder, config, trainers) if config.resume else 0
     settings = _settings(config)
-    write_run_json(folder, config.to_dict(), status="running", started_after_stage=start, layers=len(bank.names))
+    write_run_json(folder, config.to_dict(), "cpe", status="running", started_after_stage=start, layers=len(bank.names))
     log = CPELossLog(folder, keep_stages=start)
     total = total_steps(config) * len(trainers)
     done = total - total_steps(config, start + 1) * len(trainers)
@@ -395,12 +396,12 @@ def _train(config: CPEConfig, device: torch.device) -> Path:
             _save_train_state(folder, stage, config, trainers)
         save_cpe(folder, [t.eraser for t in trainers], layout, settings, stage=config.stages)
     except BaseException as exc:
-        write_run_json(folder, config.to_dict(), status=f"stopped: {type(exc).__name__}: {exc}",
+        write_run_json(folder, config.to_dict(), "cpe", status=f"stopped: {type(exc).__name__}: {exc}",
                        started_after_stage=start, layers=len(bank.names))
         raise
     finally:
         progress.close()
         log.close()
-    write_run_json(folder, config.to_dict(), status="finished", started_after_stage=start, layers=len(bank.names),
-                   stages=[str(path) for path in stage_artifacts(folder)])
+    write_run_json(folder, config.to_dict(), "cpe", status="finished", started_after_stage=start,
+                   layers=len(bank.names), stages=[str(path) for path in stage_artifacts(folder)])
     return folder

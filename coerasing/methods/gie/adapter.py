@@ -11,6 +11,7 @@ from torch import nn
 
 from ...errors import CoErasingError
 from ...files import atomic_write
+from ...formats import read_safetensors
 from .config import ADAPTER_HIDDEN, SD1_CROSS_LAYERS
 
 
@@ -51,19 +52,15 @@ class GIEAdapter(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path) -> GIEAdapter:
-        """An adapter written by :meth:`save` (a :class:`CoErasingError` if unreadable)."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
+        """An adapter written by :meth:`save` (a :class:`CoErasingError` if unreadable; never unpickled)."""
+        state, metadata = read_safetensors(path, "the GIE adapter")
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-            state = load_file(str(path))
             adapter = cls(int(metadata.get("num_layers", SD1_CROSS_LAYERS)),
-                          tuple(json.loads(metadata.get("hidden", json.dumps(list(ADAPTER_HIDDEN))))))
+                          tuple(int(h) for h in json.loads(metadata.get("hidden", json.dumps(list(ADAPTER_HIDDEN))))))
             adapter.load_state_dict(state)
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:
-            raise CoErasingError(f"the GIE adapter {path} cannot be read ({exc}); train it again.") from exc
+        except (ValueError, TypeError, RuntimeError, KeyError) as exc:
+            raise CoErasingError(f"the GIE adapter {path} does not fit its own metadata ({exc}); train it again.") \
+                from exc
         return adapter.eval()
 
 

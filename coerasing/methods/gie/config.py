@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ...errors import CoErasingError
-from ...flags import SEED_MAX, check_fields, flag
+from ...flags import SEED_MAX, check_fields, flag, typed_settings
 
 METHOD_NAME = "gie"
 ADAPTER_FILE = "adapter.safetensors"
@@ -30,8 +30,9 @@ class GIEConfig:
 
     target: str | None = flag(None, group="GIE", help="the target words T appended to every prompt, e.g. 'nudity' "
                               "(required)")
-    w: float | None = flag(None, group="GIE", help="fixed growth-inhibitor weight (negative erases, more negative "
-                           "erases more); none: predict it with the artifact's adapter")
+    w: float | None = flag(None, group="GIE", min=-100, max=100,
+                           help="fixed growth-inhibitor weight (negative erases, more negative erases more); none: "
+                           "predict it with the artifact's adapter")
     cross_fraction: float = flag(0.8, group="GIE", min=0.0, max=1.0,
                                  help="cross-attention maps are injected while t > (1 - this) * T_train")
     self_fraction: float = flag(0.4, group="GIE", min=0.0, max=1.0,
@@ -83,10 +84,9 @@ class GIEConfig:
                 if f.name not in ("output_dir", "device", "overwrite")}
 
     @classmethod
-    def from_settings(cls, settings: dict[str, Any]) -> GIEConfig:
-        """The config of an artifact's ``settings`` (unknown keys are ignored), validated."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in settings.items() if k in names}).validate()
+    def from_settings(cls, settings: dict[str, Any], source: str = "the GIE artifact") -> GIEConfig:
+        """The config of an artifact's ``settings`` (unknown keys are ignored), typed like the flags, validated."""
+        return cls(**typed_settings(cls, settings, source)).validate()
 
 
 def window_active(timestep: float, fraction: float, num_train_timesteps: int) -> bool:

@@ -6,6 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ...checkpoints import claim_run_folder
 from ...errors import CoErasingError
 from ..base import ARTIFACT_FILE, Artifact, CurvePoint, Method, TraceContext, TrainingWorld
 from ..concepts import concept_kind
@@ -28,6 +29,8 @@ class GIEMethod(Method):
         """A fixed ``w``: just the artifact. No ``w``: train the adapter, labelled by the detector that ``world``
         lends (``erase_pipeline.py``: the toy classifier for a toy shape) on the toy world's training captions."""
         config.validate()
+        claim_run_folder(config.output_dir, METHOD_NAME, overwrite=config.overwrite,
+                         owned=(ARTIFACT_FILE, ADAPTER_FILE, "run.json"), save_flag="--output_dir")
         if (Path(config.output_dir) / ARTIFACT_FILE).exists() and not config.overwrite:
             raise CoErasingError(f"{config.output_dir} already holds a GIE artifact; pass --overwrite true to "
                                  "replace it, or another --output_dir.")
@@ -63,10 +66,10 @@ class GIEMethod(Method):
         return points
 
     def apply(self, artifact: Artifact, pipe: Any) -> GIERuntime:
-        config = GIEConfig.from_settings(artifact.settings)
+        config = GIEConfig.from_settings(artifact.settings, f"{artifact.path}/{ARTIFACT_FILE}")
         adapter = None
         if config.w is None:
-            path = artifact.folder / ADAPTER_FILE
+            path = artifact.file("adapter", ADAPTER_FILE)
             if not path.is_file():
                 raise CoErasingError(f"the GIE artifact {artifact.path} has no fixed w and no {ADAPTER_FILE}; "
                                      "write it with a --w or train its adapter.")

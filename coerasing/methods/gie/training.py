@@ -34,7 +34,7 @@ def write_gie_artifact(
         adapter.save(folder / ADAPTER_FILE)
         extra = {"adapter": ADAPTER_FILE, **extra}
     write_artifact(folder, METHOD_NAME, config.settings(), **extra)
-    write_run_json(folder, {"method": METHOD_NAME, **config.settings()}, status="finished",
+    write_run_json(folder, {"method": METHOD_NAME, **config.settings()}, METHOD_NAME, status="finished",
                    adapter=adapter is not None)
     return folder
 
