@@ -23,6 +23,7 @@ import io
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,55 +80,113 @@ def csv_rows(records: Sequence[dict[str, Any]], metrics: Sequence[Metric]) -> li
     return rows
 
 
-def _chosen(record: dict[str, Any], method: str) -> tuple[dict[str, Any], dict[str, Any] | None, dict | None]:
-    """(test metrics at the chosen point, UnlearnDiff summary, concept-inversion result) of ``method``."""
+@dataclass(frozen=True)
+class Cell:
+    """One concept × seed of a method at its chosen point: test metrics, attacks, and where they come from."""
+
+    metrics: dict[str, Any]
+    attack: dict[str, Any] | None
+    inversion: dict[str, Any] | None
+    #: The cached test evaluation: equal for cells whose images are the same (the base model, a method that
+    #: does not depend on the training seed), which pooled counts then count once.
+    source: str | None
+    #: The rule found a checkpoint within the usability budget (``False``: its fallback).
+    qualified: bool
+
+
+def _chosen(record: dict[str, Any], method: str) -> Cell:
+    """``method``'s cell of one job record (the base model's is always qualified)."""
     if method == "base":
-        return record["base"]["test"]["metrics"], record["base"].get("attack"), record["base"].get("inversion")
+        base = record["base"]
+        return Cell(base["test"]["metrics"], base.get("attack"), base.get("inversion"), base["test"].get("entry"), True)
     entry = record["methods"][method]
     point = next(p for p in entry["points"] if p["label"] == entry["chosen"]["label"])
-    return point["test"]["metrics"], entry.get("attack"), entry.get("inversion")
+    return Cell(point["test"]["metrics"], entry.get("attack"), entry.get("inversion"), point["test"].get("entry"),
+                bool(entry["chosen"].get("qualified", True)))
+
+
+def _once(cells: Sequence[Cell]) -> list[Cell]:
+    """``cells`` with repeats of one evaluation dropped (bit-identical images are not new evidence)."""
+    seen: set[str] = set()
+    unique = []
+    for cell in cells:
+        if cell.source is None or cell.source not in seen:
+            unique.append(cell)
+        if cell.source is not None:
+            seen.add(cell.source)
+    return unique
+
+
+def _statistics(cells: Sequence[Cell], metrics: Sequence[Metric]) -> dict[str, Any]:
+    """Means ± sd over ``cells``, pooled counts over their distinct evaluations, and the attacks'."""
+    entry: dict[str, Any] = {}
+    unique = _once(cells)
+    for metric in metrics:
+        name = metric.name
+        entry[name] = mean_spread([v for v in (_value(c.metrics, name) for c in cells) if v is not None])
+        if metric.percent and unique and all(c.metrics.get(name) for c in unique):
+            entry[f"{name}_pooled"] = rate(sum(c.metrics[name]["k"] for c in unique),
+                                           sum(c.metrics[name]["n"] for c in unique))
+    attacks = [c.attack for c in cells if c.attack]
+    if attacks:
+        entry["pre_asr"] = mean_spread([a["pre_asr"] for a in attacks])
+        entry["asr"] = mean_spread([a["asr"] for a in attacks])
+        distinct = [c.attack for c in unique if c.attack]
+        entry["asr_pooled"] = rate(sum(a["pre_success"] + a["attack_success"] for a in distinct),
+                                   sum(a["n"] for a in distinct))
+    inversions = [c.inversion for c in cells if c.inversion]
+    if inversions:
+        entry["inversion"] = mean_spread([i["rate"] for i in inversions])
+        distinct = [c.inversion for c in unique if c.inversion]
+        entry["inversion_pooled"] = rate(sum(i["k"] for i in distinct), sum(i["n"] for i in distinct))
+    return entry
+
+
+def _average(table: dict[str, Any], concepts: Sequence[str], method: str, names: Sequence[str],
+             key: str | None = None) -> dict[str, Any]:
+    """The mean over concepts of each per-concept mean (``key``: of the entry's ``key`` block)."""
+    average: dict[str, Any] = {}
+    for name in names:
+        blocks = [table[c][method] if key is None else table[c][method][key] for c in concepts]
+        means = [b[name]["mean"] for b in blocks if name in b]
+        means = [m for m in means if m is not None and not math.isnan(m)]
+        average[name] = float(np.mean(means)) if means else None
+    return average
 
 
 def summarize(records: Sequence[dict[str, Any]], methods: Sequence[str], metrics: Sequence[Metric]) -> dict[str, Any]:
     """Per concept and method: the declared test metrics at the chosen points over seeds, pooled counts
-    (rates) and the attacks' results."""
+    (rates) and the attacks' results.
+
+    Headline numbers are over the cells (concept × seed) where the rule found a checkpoint within the
+    usability budget; ``cells`` and ``fallback`` count them, and ``with_fallback`` holds the same
+    statistics over every cell, the fallback points included (results.md's second table). Pooled
+    counts count an evaluation that several seeds share (the base model, a seed-independent method) once.
+    """
     concepts = sorted({r["concept"] for r in records}, key=[r["concept"] for r in records].index)
+    names = [metric.name for metric in (*metrics, *ATTACK_METRICS)]
     table: dict[str, Any] = {}
     for concept in concepts:
         group_records = [r for r in records if r["concept"] == concept]
         table[concept] = {}
         for method in ["base", *methods]:
-            per_seed = [_chosen(r, method) for r in group_records]
-            entry: dict[str, Any] = {
+            cells = [_chosen(r, method) for r in group_records]
+            qualified = [c for c in cells if c.qualified]
+            table[concept][method] = {
                 "seeds": [r["seed"] for r in group_records],
                 "chosen": [r["methods"][method]["chosen"] for r in group_records] if method != "base" else None,
+                "cells": len(cells), "fallback": len(cells) - len(qualified),
+                **_statistics(qualified, metrics),
+                "with_fallback": _statistics(cells, metrics),
             }
-            for metric in metrics:
-                name = metric.name
-                values = [_value(m, name) for m, _, _ in per_seed]
-                entry[name] = mean_spread([v for v in values if v is not None])
-                if metric.percent and all(m.get(name) for m, _, _ in per_seed):
-                    entry[f"{name}_pooled"] = rate(sum(m[name]["k"] for m, _, _ in per_seed),
-                                                   sum(m[name]["n"] for m, _, _ in per_seed))
-            attacks = [attack for _, attack, _ in per_seed if attack]
-            if attacks:
-                entry["pre_asr"] = mean_spread([a["pre_asr"] for a in attacks])
-                entry["asr"] = mean_spread([a["asr"] for a in attacks])
-                entry["asr_pooled"] = rate(sum(a["pre_success"] + a["attack_success"] for a in attacks),
-                                           sum(a["n"] for a in attacks))
-            inversions = [inversion for _, _, inversion in per_seed if inversion]
-            if inversions:
-                entry["inversion"] = mean_spread([i["rate"] for i in inversions])
-                entry["inversion_pooled"] = rate(sum(i["k"] for i in inversions), sum(i["n"] for i in inversions))
-            table[concept][method] = entry
     average: dict[str, Any] = {}
+    average_all: dict[str, Any] = {}
     for method in ["base", *methods]:
-        average[method] = {}
-        for name in (metric.name for metric in (*metrics, *ATTACK_METRICS)):
-            means = [table[c][method][name]["mean"] for c in concepts if name in table[c][method]]
-            means = [m for m in means if m is not None and not math.isnan(m)]
-            average[method][name] = float(np.mean(means)) if means else None
-    return {"concepts": concepts, "per_concept": table, "average": average}
+        average[method] = {**_average(table, concepts, method, names),
+                           "cells": sum(table[c][method]["cells"] for c in concepts),
+                           "fallback": sum(table[c][method]["fallback"] for c in concepts)}
+        average_all[method] = _average(table, concepts, method, names, key="with_fallback")
+    return {"concepts": concepts, "per_concept": table, "average": average, "average_with_fallback": average_all}
 
 
 def _cell(entry: dict[str, Any], metric: Metric) -> str:
@@ -147,31 +206,47 @@ def _row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _in_budget(entry: dict[str, Any]) -> str:
+    return f"{entry['cells'] - entry['fallback']}/{entry['cells']}"
+
+
 def markdown(summary: dict[str, Any], methods: Sequence[str], header: str, metrics: Sequence[Metric]) -> str:
     """``results.md``: per-concept tables and the average over concepts (test prompts, chosen points);
-    one column per declared metric, then the attacks'."""
+    one column per declared metric, then the attacks'. Headline numbers leave out the cells where no
+    checkpoint met the usability budget; a last table includes them."""
     columns = (*metrics, *ATTACK_METRICS)
     headings = [metric.heading for metric in columns]
     lines = [header, ""]
     for concept in summary["concepts"]:
-        lines += [f"## {concept}", "", _row(["method", "chosen checkpoint (per seed)", *headings]),
-                  "|" + "---|" * (2 + len(columns))]
+        lines += [f"## {concept}", "", _row(["method", "chosen checkpoint (per seed)", "in budget", *headings]),
+                  "|" + "---|" * (3 + len(columns))]
         for method in ["base", *methods]:
             entry = summary["per_concept"][concept][method]
             chosen = ", ".join(c["label"] + ("" if c["qualified"] else "*") for c in entry["chosen"]) \
                 if entry["chosen"] else "–"
-            lines.append(_row([method, chosen, *(_cell(entry, metric) for metric in columns)]))
+            lines.append(_row([method, chosen, _in_budget(entry), *(_cell(entry, metric) for metric in columns)]))
         lines.append("")
-    lines += ["## Average over concepts", "", _row(["method", *headings]), "|" + "---|" * (1 + len(columns))]
+    lines += ["## Average over concepts", "", _row(["method", "in budget", *headings]),
+              "|" + "---|" * (2 + len(columns))]
     for method in ["base", *methods]:
         average = summary["average"][method]
-        lines.append(_row([method, *(metric.format(average.get(metric.name)) for metric in columns)]))
+        lines.append(_row([method, _in_budget(average),
+                           *(metric.format(average.get(metric.name)) for metric in columns)]))
+    lines += ["", "## Average over concepts, the rule's fallback points included", "",
+              _row(["method", "fallback cells", *headings]), "|" + "---|" * (2 + len(columns))]
+    for method in ["base", *methods]:
+        average, fallback = summary["average_with_fallback"][method], summary["average"][method]["fallback"]
+        lines.append(_row([method + ("*" if fallback else ""), str(fallback),
+                           *(metric.format(average.get(metric.name)) for metric in columns)]))
     rates = ", ".join(m.label for m in metrics if m.percent)
     scores = "; ".join(f"{m.label}: {m.description}" for m in metrics if not m.percent and m.description)
     lines += ["", f"Rates ({rates}, and the attacks') in percent on test prompts at each method's chosen checkpoint: "
               "mean ± standard deviation over training seeds, then the pooled count over seeds with its 95 % Wilson "
-              "interval. A checkpoint marked * is the rule's fallback: no checkpoint of that seed's curve kept "
-              "validation usability within the budget, so the most usable one was taken. "
+              "interval (an evaluation that several seeds share, such as the base model's, counted once). "
+              "'in budget': the cells (concept × training seed) where some checkpoint kept validation usability "
+              "within the budget; the headline numbers are over those cells only. A checkpoint marked * is the "
+              "rule's fallback (no checkpoint of that seed's curve stayed within the budget, so the most usable one "
+              "was taken); the last table averages over every cell, fallbacks included. "
               + (f"{scores}. " if scores else "")
               + "pre-ASR and ASR: the UnlearnDiff attack on explicit test prompts; CI: concept inversion (a word "
               "learned against the erased model from the concept's reference images), the share of its images "

@@ -41,9 +41,12 @@ def _records() -> tuple[list[dict], list[str], list[dict]]:
     return list(records.values()), methods, rows
 
 
-def _metric_cells(line: str) -> list[str]:
+def _metric_cells(line: str, extra: int) -> list[str]:
+    """The method and the five metric cells of a table row; ``extra``: columns after the chosen one."""
     parts = [part.strip() for part in line.strip().strip("|").split("|")]
-    return [parts[0], *(parts[2:7] if len(parts) == 10 else parts[1:6])]
+    per_concept = len(parts) == 10 + extra
+    start = (2 if per_concept else 1) + extra
+    return [parts[0], *parts[start:start + 5]]
 
 
 def test_the_shipped_results_are_recomputed_from_their_csv_by_the_declarations():
@@ -53,11 +56,45 @@ def test_the_shipped_results_are_recomputed_from_their_csv_by_the_declarations()
     assert [list(r) for r in rebuilt[:1]] == [list(rows[0])]  # the same columns in the same order
     assert [{k: "" if v is None else str(v) for k, v in row.items()} for row in rebuilt] == rows
     table = markdown(summarize(records, methods, metrics), methods, "# t", metrics)
+    table = table.split("## Average over concepts, the rule's fallback points included")[0]
     shipped = [line for line in (RESULTS / "results.md").read_text(encoding="utf-8").splitlines()
                if line.startswith("| ") and not line.startswith("| method")]
     mine = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
     assert len(mine) == len(shipped) > 0
-    assert [_metric_cells(line) for line in mine] == [_metric_cells(line) for line in shipped]
+    assert [_metric_cells(line, 1) for line in mine] == [_metric_cells(line, 0) for line in shipped]
+
+
+def _cell(method_metrics: dict, qualified: bool, entry: str | None) -> dict:
+    return {"points": [{"label": "it1", "strength": 1.0, "validation": {"metrics": method_metrics},
+                        "test": {"metrics": method_metrics, "entry": entry}}],
+            "chosen": {"label": "it1", "qualified": qualified, "reason": ""}}
+
+
+def _rate(k: int, n: int) -> dict:
+    return {"rate": k / n, "k": k, "n": n}
+
+
+def test_fallback_cells_stay_out_of_the_headline_and_shared_evaluations_count_once():
+    metrics = [m for m in ToyProtocol.metrics if m.name == "explicit"]
+    records = []
+    for seed, (k, qualified) in enumerate([(2, True), (4, True), (10, False)]):
+        records.append({"concept": "circle", "seed": seed,
+                        "base": {"validation": {"metrics": {"explicit": _rate(8, 10)}},
+                                 "test": {"metrics": {"explicit": _rate(9, 10)}, "entry": "cache/evals/base.json"}},
+                        "methods": {"a": _cell({"explicit": _rate(k, 10)}, qualified, f"cache/evals/a{seed}.json"),
+                                    "det": _cell({"explicit": _rate(5, 10)}, True, "cache/evals/det.json")}})
+    summary = summarize(records, ["a", "det"], metrics)
+    a = summary["per_concept"]["circle"]["a"]
+    assert (a["cells"], a["fallback"]) == (3, 1)
+    assert abs(a["explicit"]["mean"] - 0.3) < 1e-12 and a["explicit"]["n"] == 2  # the fallback cell (1.0) is not in it
+    assert (a["explicit_pooled"]["k"], a["explicit_pooled"]["n"]) == (6, 20)
+    assert abs(a["with_fallback"]["explicit"]["mean"] - 16 / 30) < 1e-12
+    base, det = summary["per_concept"]["circle"]["base"], summary["per_concept"]["circle"]["det"]
+    assert (base["explicit_pooled"]["k"], base["explicit_pooled"]["n"]) == (9, 10)  # one evaluation, counted once
+    assert (det["explicit_pooled"]["k"], det["explicit_pooled"]["n"]) == (5, 10)
+    assert summary["average"]["a"]["fallback"] == 1 and abs(summary["average"]["a"]["explicit"] - 0.3) < 1e-12
+    text = markdown(summary, ["a", "det"], "# t", metrics)
+    assert "| a | it1, it1, it1* | 2/3 |" in text and "| a* | 1 |" in text
 
 
 def test_the_real_protocol_reports_the_same_columns():
