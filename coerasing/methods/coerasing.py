@@ -100,11 +100,12 @@ class _EraseMethod(Method):
         return folder, length, settings["save_iter"]
 
     def _two_stage(self, context: TraceContext, refine: bool) -> list[CurvePoint]:
-        stage1, length, _ = self._stage1(context)
+        """Every checkpoint the weights pass through: stage 1's (the same run and files as ESD's), then stage 2's."""
+        stage1, length, every = self._stage1(context)
         start = stage1 / f"unet_{length}.pth"
         settings = stage2_settings(context, start, refine)
         folder = train_run(context, "stage2", settings)
-        return [CurvePoint(f"it{length}", float(length), start),
+        return [*_points(stage1, checkpoints(length, every)),
                 *_points(folder, checkpoints(settings["iterations"], settings["save_iter"]), offset=length)]
 
 

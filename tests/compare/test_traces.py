@@ -61,3 +61,36 @@ def test_stage1_is_trained_once_shared_and_extended_by_resume(tiny_stack, tmp_pa
     assert changed[0].artifact.parent != esd[0].artifact.parent and erase_calls[-1] == (4, False)
     seed = Context(Cache(tmp_path), TinyProtocol(tiny_stack), PRESETS, "nudity", 1, "cpu")
     assert get_method("esd").trace(seed)[0].artifact.parent != esd[0].artifact.parent
+
+
+class _PresetsOnly:
+    """A trace context whose training runs are faked (``train_run`` patched): only the curve's shape matters."""
+
+    concept, seed, device = "circle", 0, "cpu"
+
+    def __init__(self, root):
+        self.root = root
+
+    def preset(self, name):
+        return {"stage1": {"prompt": "circle", "iterations": 4, "save_iter": 2},
+                "stage2": {"prompt": "circle", "iterations": 2, "save_iter": 1}}[name]
+
+    def world(self):
+        return {"ckpt_path": "model", "ip_adapter": "adapter", "image_encoder_path": "encoder"}
+
+    def references(self):
+        return self.root / "references"
+
+
+@pytest.mark.parametrize("method", ["coerasing", "no-refinement"])
+def test_two_stage_curves_start_with_every_stage1_checkpoint(method, tmp_path, monkeypatch):
+    """The verdicts issue: Co-Erasing may stop where ESD may, so its curve holds stage 1's checkpoints."""
+    from coerasing.methods import coerasing as co
+
+    monkeypatch.setattr(co, "train_run", lambda context, kind, settings: tmp_path / kind)
+    context = _PresetsOnly(tmp_path)
+    curve = get_method(method).trace(context)
+    esd = get_method("esd").trace(context)
+    assert [p.label for p in curve] == ["it2", "it4", "it5", "it6"]
+    assert curve[:2] == esd  # the same checkpoints (files) as ESD's, not retrained
+    assert [p.artifact.parent.name for p in curve] == ["stage1", "stage1", "stage2", "stage2"]
