@@ -33,6 +33,7 @@ from ..files import atomic_write, atomic_write_json, atomic_write_text
 from ..grid import image_grid
 from ..stats import mean_spread, rate
 from .metrics import Metric, declarations
+from .verdicts import verdict_markdown, verdict_table
 
 #: (line style, marker) per method, so that curves sharing checkpoints (ESD and its equal-compute run) stay visible;
 #: the star is the base model's alone.
@@ -365,6 +366,8 @@ def write_results(folder: str | Path, records: Sequence[dict[str, Any]], methods
     ``metrics``: the protocol's declarations (``protocol.metrics``), also written to results.json."""
     folder = Path(folder)
     summary = summarize(records, methods, metrics)
+    reference = "coerasing" if "coerasing" in methods else methods[0]
+    verdicts = verdict_table(records, reference, methods, metrics, folder)
     rows = csv_rows(records, metrics)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
@@ -372,10 +375,12 @@ def write_results(folder: str | Path, records: Sequence[dict[str, Any]], methods
     writer.writerows(rows)
     paths = {
         "csv": atomic_write_text(folder / "results.csv", buffer.getvalue()),
-        "json": atomic_write_json(folder / "results.json", {**info, "metrics": declarations(metrics),
-                                                            "summary": summary, "jobs": list(records)}),
+        "json": atomic_write_json(folder / "results.json", {
+            **info, "metrics": declarations(metrics), "summary": summary,
+            "verdicts": {"reference": reference, "against": verdicts}, "jobs": list(records)}),
         "md": atomic_write_text(folder / "results.md",
-                                markdown(summary, methods, info.get("header", "# Comparison"), metrics)),
+                                markdown(summary, methods, info.get("header", "# Comparison"), metrics) + "\n"
+                                + "\n".join(verdict_markdown(verdicts, reference, metrics))),
     }
     for concept in summary["concepts"]:
         plot_concept(records, methods, concept, folder / f"plot_{concept}.png", metrics)
