@@ -32,7 +32,8 @@ import numpy as np
 from ..files import atomic_write, atomic_write_json, atomic_write_text
 from ..grid import image_grid
 from ..stats import mean_spread, rate
-from .metrics import Metric, declarations
+from .metrics import Metric, declarations, rule_score
+from .select import Candidate, selection_agrees
 from .verdicts import verdict_markdown, verdict_table
 
 #: (line style, marker) per method, so that curves sharing checkpoints (ESD and its equal-compute run) stay visible;
@@ -155,6 +156,26 @@ def _average(table: dict[str, Any], concepts: Sequence[str], method: str, names:
     return average
 
 
+def agreement(records: Sequence[dict[str, Any]], method: str, metrics: Sequence[Metric]) -> dict[str, Any]:
+    """Selection agreement of ``method``: the share of its cells whose validation choice is within
+    :data:`~coerasing.compare.select.AGREEMENT_TOLERANCE` (erasure score on test prompts) of the point
+    the same rule picks on test prompts (:func:`~coerasing.compare.select.selection_agrees`). Cells where
+    the validation choice is the rule's fallback are not judged (they are not in the headline either)."""
+    verdicts = []
+    for record in records:
+        entry = record["methods"][method]
+        if not entry["chosen"].get("qualified", True) or any("metrics" not in p["test"] for p in entry["points"]):
+            continue  # a checkpoint without test images: agreement is not judged for this cell
+        candidates = [Candidate(p["label"], p["strength"], p["test"]["metrics"]) for p in entry["points"]]
+        verdicts.append(selection_agrees(
+            candidates, entry["chosen"]["label"], record["base"]["test"]["metrics"],
+            lambda m: rule_score(metrics, "erasure", m), lambda m: rule_score(metrics, "usability", m),
+            float(record.get("rule", {}).get("max_usability_drop", 0.05))))
+    judged = [v for v in verdicts if v is not None]
+    return {"agree": sum(judged), "judged": len(judged), "cells": len(records),
+            "share": sum(judged) / len(judged) if judged else None}
+
+
 def summarize(records: Sequence[dict[str, Any]], methods: Sequence[str], metrics: Sequence[Metric]) -> dict[str, Any]:
     """Per concept and method: the declared test metrics at the chosen points over seeds, pooled counts
     (rates) and the attacks' results.
@@ -187,7 +208,12 @@ def summarize(records: Sequence[dict[str, Any]], methods: Sequence[str], metrics
                            "cells": sum(table[c][method]["cells"] for c in concepts),
                            "fallback": sum(table[c][method]["fallback"] for c in concepts)}
         average_all[method] = _average(table, concepts, method, names, key="with_fallback")
-    return {"concepts": concepts, "per_concept": table, "average": average, "average_with_fallback": average_all}
+    agreements = {method: agreement(records, method, metrics) for method in methods}
+    judged = sum(a["judged"] for a in agreements.values())
+    overall = {"agree": sum(a["agree"] for a in agreements.values()), "judged": judged,
+               "share": sum(a["agree"] for a in agreements.values()) / judged if judged else None}
+    return {"concepts": concepts, "per_concept": table, "average": average, "average_with_fallback": average_all,
+            "selection_agreement": {"per_method": agreements, "overall": overall}}
 
 
 def _cell(entry: dict[str, Any], metric: Metric) -> str:
@@ -233,6 +259,18 @@ def markdown(summary: dict[str, Any], methods: Sequence[str], header: str, metri
         average = summary["average"][method]
         lines.append(_row([method, _in_budget(average),
                            *(metric.format(average.get(metric.name)) for metric in columns)]))
+    agreeing = summary.get("selection_agreement")
+    if agreeing and agreeing["overall"]["judged"]:
+        per = agreeing["per_method"]
+        lines += ["", "## Selection agreement", "",
+                  "| method | " + " | ".join(methods) + " | all |", "|---|" + "---|" * (len(methods) + 1),
+                  "| agree / judged | " + " | ".join(f"{per[m]['agree']}/{per[m]['judged']}" for m in methods)
+                  + f" | {agreeing['overall']['agree']}/{agreeing['overall']['judged']} "
+                  f"({100 * agreeing['overall']['share']:.0f} %) |", "",
+                  "A cell agrees when the checkpoint chosen on validation prompts is within 5 points (the rule's "
+                  "erasure score on test prompts, either way) of the checkpoint the same rule would choose on test "
+                  "prompts; fallback cells, and cells whose test-best point is outside the usability budget, are "
+                  "not judged."]
     lines += ["", "## Average over concepts, the rule's fallback points included", "",
               _row(["method", "fallback cells", *headings]), "|" + "---|" * (2 + len(columns))]
     for method in ["base", *methods]:

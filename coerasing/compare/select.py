@@ -62,3 +62,36 @@ def choose_operating_point(
     best = max(ordered, key=lambda c: (usability(c.validation) or float("-inf"), -c.strength))
     return Choice(best.label, False, f"no checkpoint within {max_usability_drop:g} of the base model's usability: "
                                      "the most usable one")
+
+
+#: How far (in erasure score) the validation choice may fall short of the test-best point and still agree.
+AGREEMENT_TOLERANCE = 0.05
+
+
+def selection_agrees(
+    candidates_test: Sequence[Candidate],
+    chosen_label: str,
+    base_test: Metrics,
+    erasure: Callable[[Metrics], float | None],
+    usability: Callable[[Metrics], float | None],
+    max_usability_drop: float,
+    tolerance: float = AGREEMENT_TOLERANCE,
+) -> bool | None:
+    """Whether the validation choice is within ``tolerance`` (erasure score, on test prompts, either way) of the
+    point the same rule would choose on **test** prompts; ``None`` when that test-best point is not within the
+    budget (or the test metrics are missing), so agreement cannot be judged. ``candidates_test`` carry test
+    metrics.
+
+    This is a report on the rule, computed after the choice; it never feeds back into it.
+    """
+    chosen = next((c for c in candidates_test if c.label == chosen_label), None)
+    if chosen is None or not candidates_test:
+        return None
+    best = choose_operating_point(candidates_test, base_test, erasure, usability, max_usability_drop)
+    if not best.qualified:
+        return None
+    best_score = erasure(next(c for c in candidates_test if c.label == best.label).validation)
+    chosen_score = erasure(chosen.validation)
+    if best_score is None or chosen_score is None:
+        return None
+    return abs(chosen_score - best_score) <= tolerance + 1e-12

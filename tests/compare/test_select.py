@@ -39,3 +39,18 @@ def test_without_a_usability_measure_the_last_checkpoint_is_taken_and_flagged():
     candidates = [Candidate("it2", 2, base), Candidate("it1", 1, base)]
     choice = choose_operating_point(candidates, base, erasure, lambda m: m["clip"], 0.01)
     assert choice.label == "it2" and not choice.qualified
+
+
+def test_selection_agreement_against_the_test_best_point():
+    from coerasing.compare.select import selection_agrees
+
+    base = _metrics(0.9, 0.95)
+    test = [Candidate("it50", 50, _metrics(0.50, 0.94)), Candidate("it100", 100, _metrics(0.20, 0.93)),
+            Candidate("it150", 150, _metrics(0.05, 0.70))]  # it150 erases most but is outside the budget
+    args = (base, lambda m: m["explicit"]["rate"], lambda m: m["unrelated"]["rate"], 0.05)
+    assert selection_agrees(test, "it100", *args) is True  # the test-best in-budget point itself
+    assert selection_agrees(test, "it50", *args) is False  # 30 points short of it
+    near = [*test[:2], Candidate("it75", 75, _metrics(0.24, 0.93))]
+    assert selection_agrees(near, "it75", *args) is True  # 4 points short: within 5
+    outside = [Candidate("it50", 50, _metrics(0.5, 0.6))]
+    assert selection_agrees(outside, "it50", *args) is None  # no test point in budget: not judged
