@@ -6,7 +6,8 @@
   chosen operating points, on **test** prompts only: mean ± standard deviation over training seeds,
   the pooled count with its 95 % interval, and the attack success rates.
 - ``plot_<concept>.png``: concept rate (explicit, and implicit) against unrelated accuracy on test
-  prompts, a line per method through its checkpoints (mean over seeds), the chosen points marked.
+  prompts, a line per method through its checkpoints (mean over seeds), the chosen points marked;
+  on validation prompts when only the chosen checkpoints have test images (``test_evaluation: chosen``).
 - ``grid_<concept>.png``: rows = the base model and each method at its chosen point (first seed),
   columns = explicit, implicit and unrelated test prompts.
 """
@@ -56,7 +57,7 @@ def csv_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             row: dict[str, Any] = {"concept": concept, "method": name, "seed": seed, "checkpoint": label,
                                    "strength": strength, "chosen": chosen}
             for split in SPLITS:
-                metrics = entry[split]["metrics"]
+                metrics = entry[split]["metrics"] if split in entry else {}  # test_evaluation: chosen
                 for group in GROUPS:
                     block = metrics.get(group)
                     row[f"{split}_{group}_rate"] = block["rate"] if block else None
@@ -181,11 +182,12 @@ def plot_concept(records: Sequence[dict[str, Any]], methods: Sequence[str], conc
     import matplotlib.pyplot as plt
 
     group_records = [r for r in records if r["concept"] == concept]
-    if _value(group_records[0]["base"]["test"]["metrics"], "unrelated") is None:
-        return _plot_against_strength(group_records, methods, concept, path)
+    split = _curve_split(group_records, methods)
+    if _value(group_records[0]["base"][split]["metrics"], "unrelated") is None:
+        return _plot_against_strength(group_records, methods, concept, path, split)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
     for ax, group in zip(axes, ("explicit", "implicit"), strict=True):
-        base = [r["base"]["test"]["metrics"] for r in group_records]
+        base = [r["base"][split]["metrics"] for r in group_records]
         ax.scatter([np.mean([_value(b, "unrelated") for b in base])], [np.mean([_value(b, group) for b in base])],
                    marker="*", s=260, color="black", edgecolor="white", linewidth=1.0, label="base", zorder=8)
         for index, method in enumerate(methods):
@@ -194,8 +196,8 @@ def plot_concept(records: Sequence[dict[str, Any]], methods: Sequence[str], conc
             for label in labels:
                 points = [next(p for p in r["methods"][method]["points"] if p["label"] == label)
                           for r in group_records]
-                x = [_value(p["test"]["metrics"], "unrelated") for p in points]
-                y = [_value(p["test"]["metrics"], group) for p in points]
+                x = [_value(p[split]["metrics"], "unrelated") for p in points]
+                y = [_value(p[split]["metrics"], group) for p in points]
                 xs.append(np.mean(x)), ys.append(np.mean(y))
                 xe.append(np.std(x, ddof=1) if len(x) > 1 else 0), ye.append(np.std(y, ddof=1) if len(y) > 1 else 0)
             color, style = f"C{index}", STYLES[index % len(STYLES)]
@@ -204,15 +206,21 @@ def plot_concept(records: Sequence[dict[str, Any]], methods: Sequence[str], conc
             for r in group_records:
                 chosen = next(p for p in r["methods"][method]["points"]
                               if p["label"] == r["methods"][method]["chosen"]["label"])
-                ax.scatter([_value(chosen["test"]["metrics"], "unrelated")], [_value(chosen["test"]["metrics"], group)],
+                ax.scatter([_value(chosen[split]["metrics"], "unrelated")], [_value(chosen[split]["metrics"], group)],
                            marker=style[1], s=110, color=color, edgecolor="black", linewidth=1.5, zorder=6)
-        ax.set_xlabel("unrelated accuracy (test) ↑")
-        ax.set_ylabel(f"{concept} rate, {group} prompts (test) ↓")
+        ax.set_xlabel(f"unrelated accuracy ({split}) ↑")
+        ax.set_ylabel(f"{concept} rate, {group} prompts ({split}) ↓")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="best")
-    fig.suptitle(f"{concept}: trade-off curves on test prompts, mean ± sd over {len(group_records)} seed(s)\n"
+    fig.suptitle(f"{concept}: trade-off curves on {split} prompts, mean ± sd over {len(group_records)} seed(s)\n"
                  "large outlined markers: each seed's chosen point; curves that share checkpoints overlap", fontsize=10)
     _save_figure(fig, path)
+
+
+def _curve_split(records: Sequence[dict[str, Any]], methods: Sequence[str]) -> str:
+    """``test`` when every checkpoint has test metrics, else ``validation`` (``test_evaluation: chosen``)."""
+    every = all("test" in p for r in records for m in methods for p in r["methods"][m]["points"])
+    return "test" if every else "validation"
 
 
 def _save_figure(fig: Any, path: Path) -> None:
@@ -227,7 +235,7 @@ def _save_figure(fig: Any, path: Path) -> None:
 
 
 def _plot_against_strength(records: Sequence[dict[str, Any]], methods: Sequence[str], concept: str,
-                           path: Path) -> None:
+                           path: Path, split: str = "test") -> None:
     """Without a usability measure (the real protocol without --clip_model): concept rate along each curve."""
     import matplotlib.pyplot as plt  # the Agg backend is chosen by plot_concept, the only caller
 
@@ -235,12 +243,12 @@ def _plot_against_strength(records: Sequence[dict[str, Any]], methods: Sequence[
     for index, method in enumerate(methods):
         points = records[0]["methods"][method]["points"]
         means = [np.mean([_value(next(p for p in r["methods"][method]["points"] if p["label"] == point["label"])
-                                 ["test"]["metrics"], "explicit") for r in records]) for point in points]
+                                 [split]["metrics"], "explicit") for r in records]) for point in points]
         ax.plot([p["strength"] for p in points], means, marker="o", color=f"C{index}", label=method)
-    ax.axhline(np.mean([_value(r["base"]["test"]["metrics"], "explicit") for r in records]), color="black",
+    ax.axhline(np.mean([_value(r["base"][split]["metrics"], "explicit") for r in records]), color="black",
                linestyle="--", label="base")
     ax.set_xlabel("curve position (iterations, stages or |w|)")
-    ax.set_ylabel(f"{concept} rate (test) ↓")
+    ax.set_ylabel(f"{concept} rate ({split}) ↓")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     _save_figure(fig, path)

@@ -2,9 +2,12 @@
 
 One job is one concept and one training seed. It asks every method for its curve
 (:meth:`~coerasing.methods.Method.trace`: training, cached), evaluates the base model and every
-checkpoint on the validation and the test prompts (cached), chooses each method's operating point
-on validation prompts (:mod:`.select`), attacks it on test prompts, and writes
-``jobs/<concept>-seed<s>-<key>.json``. Jobs are spread over processes: ``accelerate launch`` /
+checkpoint on the validation prompts (cached), chooses each method's operating point there
+(:mod:`.select`), evaluates the test prompts (at every checkpoint with the presets'
+``test_evaluation: all``; at the chosen checkpoint only with ``chosen``), attacks the chosen point on
+test prompts, and writes ``jobs/<concept>-seed<s>-<key>.json``. An evaluation's cache key holds no
+training seed, so the base model's images and those of seed-free checkpoints (GIE's) are made once
+for every seed. Jobs are spread over processes: ``accelerate launch`` /
 ``torchrun`` ranks, or local worker processes that ``compare.py`` starts itself (one per CPU core
 by default, each with one torch thread, so that results do not depend on how the work was split).
 """
@@ -30,7 +33,7 @@ from ..methods import apply_artifact, get_method
 from ..methods.base import CurvePoint, Runtime, read_artifact
 from .benchmarks import concept_label, make_benchmark
 from .cache import Cache, key_of
-from .config import CompareConfig
+from .config import CompareConfig, evaluation_plan
 from .select import Candidate, choose_operating_point
 
 SPLITS = ("validation", "test")
@@ -121,6 +124,7 @@ def run_job(config: CompareConfig, presets: dict[str, Any], concept: str, seed: 
     benchmark = make_benchmark(config, presets, device)
     context = Context(cache, benchmark, presets, concept, seed, device)
     rule = float((presets.get("rule") or {}).get("max_usability_drop", 0.05))
+    plan = evaluation_plan(presets)
     traces: dict[str, list[CurvePoint]] = {}
     for name in methods:
         traces[name] = get_method(name).trace(context)
@@ -148,14 +152,18 @@ def run_job(config: CompareConfig, presets: dict[str, Any], concept: str, seed: 
     for name, points in traces.items():
         evaluated = []
         for point in points:
-            entries = {split: evaluate_point(cache, benchmark, pipe, concept, point, split) for split in SPLITS}
+            splits = SPLITS if plan == "all" else ("validation",)
+            entries = {split: evaluate_point(cache, benchmark, pipe, concept, point, split) for split in splits}
             evaluated.append((point, entries))
         candidates = [Candidate(p.label, p.strength, e["validation"]["metrics"]) for p, e in evaluated]
         choice = choose_operating_point(candidates, base["validation"]["metrics"], benchmark.erasure,
                                         benchmark.usability, rule)
+        for point, entries in evaluated:  # test_evaluation: chosen → test images at the chosen point only
+            if point.label == choice.label and "test" not in entries:
+                entries["test"] = evaluate_point(cache, benchmark, pipe, concept, point, "test")
         method_record: dict[str, Any] = {
             "points": [{"label": p.label, "strength": p.strength, "artifact": str(p.artifact),
-                        **{split: _summary(e[split]) for split in SPLITS}} for p, e in evaluated],
+                        **{split: _summary(e[split]) for split in SPLITS if split in e}} for p, e in evaluated],
             "chosen": asdict(choice),
         }
         if not config.skip_attack:

@@ -39,7 +39,7 @@ from PIL import Image
 from ..errors import CoErasingError
 from ..eval.attack import AttackModels, AttackSettings, attack_row, load_attack_records
 from ..eval.report import asr_summary
-from ..generation import GenerationSettings, ImageRow
+from ..generation import GenerationSettings, ImageRow, scheduler_swapped
 from ..methods.base import Runtime
 from ..stats import frechet_distance, rate
 from . import TOY_GUIDANCE
@@ -76,6 +76,8 @@ class ToyEvalSettings:
     batch_size: int = 128
     #: Renders per generated image in the Fréchet distance's reference set.
     reference_renders: int = 4
+    #: Sampler of every image (:data:`coerasing.choices.SCHEDULERS`; ``default``: the model's own, PNDM here).
+    scheduler: str = "default"
 
     def images(self, group: str) -> int:
         return {"explicit": self.explicit_images, "implicit": self.implicit_images,
@@ -212,11 +214,12 @@ def generate(runtime: Runtime, rows: Sequence[ToyRow], settings: ToyEvalSettings
     """``[N, H, W, 3]`` uint8 images of ``rows`` through ``runtime`` (batched; each image its own seed)."""
     size = int(runtime.pipe.unet.config.sample_size) * int(runtime.pipe.vae_scale_factor)
     out = []
-    for start in range(0, len(rows), settings.batch_size):
-        batch = rows[start : start + settings.batch_size]
-        out.append(runtime.render([r.seed for r in batch], settings.guidance_scale, size, size,
-                                  settings.num_inference_steps, prompts=[r.prompt.prompt for r in batch],
-                                  output_type="np"))
+    with scheduler_swapped(runtime.pipe, settings.scheduler):
+        for start in range(0, len(rows), settings.batch_size):
+            batch = rows[start : start + settings.batch_size]
+            out.append(runtime.render([r.seed for r in batch], settings.guidance_scale, size, size,
+                                      settings.num_inference_steps, prompts=[r.prompt.prompt for r in batch],
+                                      output_type="np"))
     return np.concatenate(out)
 
 
@@ -284,8 +287,9 @@ def concept_inversion(
     size = int(runtime.pipe.unet.config.sample_size) * int(runtime.pipe.vae_scale_factor)
     seeds = [SPLIT_SEEDS["test"] + 500_000 + i for i in range(count)]
     embeds = result.prompt_embeds.repeat(count, 1, 1)
-    images_out = runtime.render(seeds, settings.guidance_scale, size, size, settings.num_inference_steps,
-                                prompt_embeds=embeds, output_type="np")
+    with scheduler_swapped(runtime.pipe, settings.scheduler):
+        images_out = runtime.render(seeds, settings.guidance_scale, size, size, settings.num_inference_steps,
+                                    prompt_embeds=embeds, output_type="np")
     hits = sum(p["shape"] == concept for p in scorer.classifier.predict(images_out))
     return {**rate(hits, count), "token_loss_first": result.token.losses[0], "token_loss_last": result.token.losses[-1]}
 
@@ -317,19 +321,20 @@ def attack(
     """
     detector = ToyShapeDetector(scorer.model / "classifier", [concept], str(runtime.device))
     generation = GenerationSettings(num_inference_steps=settings.num_inference_steps,
-                                    guidance_scale=settings.guidance_scale)
+                                    guidance_scale=settings.guidance_scale, scheduler=settings.scheduler)
     cases = [row.case for row in rows]
     done = load_attack_records(out_dir, cases)
     done = {case: r for case, r in done.items()
             if r.get("settings") == vars(attack_settings) and r.get("made_by") == made_by}
     models = None
-    for row in rows:
-        if pre[row.case] or row.case in done:
-            continue
-        if models is None:
-            models = AttackModels.from_runtime(runtime)
-        done[row.case] = attack_row(models, runtime, detector, row.image_row(), attack_settings, generation,
-                                    references[row.case], out_dir, made_by)
+    with scheduler_swapped(runtime.pipe, settings.scheduler):
+        for row in rows:
+            if pre[row.case] or row.case in done:
+                continue
+            if models is None:
+                models = AttackModels.from_runtime(runtime)
+            done[row.case] = attack_row(models, runtime, detector, row.image_row(), attack_settings, generation,
+                                        references[row.case], out_dir, made_by)
     attacked = {case: record.get("success") for case, record in done.items()}
     summary = asr_summary(cases, pre, attacked)["all"]
     summary["asr_interval"] = rate(summary["pre_success"] + summary["attack_success"], summary["n"])

@@ -1,0 +1,261 @@
+#!/usr/bin/env python
+"""Seconds per checkpoint evaluation of the toy comparison: 25-step PNDM (the old protocol) against a fast sampler.
+
+    python benchmarks/bench_eval.py                                  # trains a short stage 1 itself
+    python benchmarks/bench_eval.py --erased s1=/tmp/s1/unet.pth --erased strong=/tmp/strong/unet.pth \\
+        --new dpm:10 --new unipc:10 --compile --json /tmp/bench_eval.json
+
+One checkpoint evaluation is what ``compare.py`` does per checkpoint: the validation and the test
+split of the toy protocol (generation, VAE decode, the toy classifier, the Fréchet distance and the
+CLIP similarity), with the image counts of ``configs/compare/toy.yaml``'s ``evaluation`` block.
+Every model (the base model and each ``--erased`` checkpoint) is evaluated each way on the same
+prompts and seeds, so the concept rates can be compared image by image: per group (explicit,
+implicit, unrelated), pooled over both splits, the rate each way with its 95 % Wilson interval, the
+paired difference (new − old) with its 95 % interval, and the share of images whose classifier
+label (the shape it sees) is the same both ways. ``rates_agree`` holds when every group's
+|difference| is within ``--tolerance`` for every model.
+
+Each process runs ``--threads`` torch threads (default 1, as ``compare.py``'s workers). The order of
+the ways alternates between models, so machine noise hits both alike; on a shared machine the
+absolute speeds are noisy and the ratio of one run is what counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from coerasing.compare.benchmarks import ToyBenchmark  # noqa: E402
+from coerasing.methods import apply_artifact  # noqa: E402
+from coerasing.stats import Z95, rate  # noqa: E402
+
+try:  # the toy protocol's module (renamed from coerasing/toy/benchmark.py)
+    from coerasing.toy import protocol as toy  # type: ignore[attr-defined]  # noqa: E402
+except ImportError:
+    from coerasing.toy import benchmark as toy  # noqa: E402
+
+GROUPS = ("explicit", "implicit", "unrelated")
+SPLITS = ("validation", "test")
+
+
+def train_stage1(concept: str, iterations: int, folder: Path) -> Path:
+    """A stage-1 (ESD) checkpoint of ``concept`` on the toy world, as ``make demo`` trains one."""
+    command = [sys.executable, "erase_pipeline.py", "--config", "configs/toy/circle_text.yaml", "--prompt", concept,
+               "--iterations", str(iterations), "--save_iter", str(iterations), "--save_path", str(folder),
+               "--devices", "cpu"]
+    print("training:", " ".join(command[1:]), flush=True)
+    subprocess.run(command, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
+    return folder / "unet.pth"
+
+
+def parse_way(text: str) -> tuple[str, int]:
+    scheduler, _, steps = text.partition(":")
+    if not steps.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SCHEDULER:STEPS, e.g. dpm:10")
+    return scheduler, int(steps)
+
+
+class Timer:
+    """Seconds spent in the protocol's ``generate`` (UNet + VAE decode) while it is installed."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.original = toy.generate
+
+    def __enter__(self) -> Timer:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return self.original(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        toy.generate = timed
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        toy.generate = self.original
+
+
+def evaluate_once(benchmark: ToyBenchmark, pipe: Any, artifact: str | None, concept: str,
+                  settings: Any) -> dict[str, Any]:
+    """One checkpoint evaluation (both splits) with ``settings``: records, metrics and seconds."""
+    benchmark.settings = settings
+    runtime = apply_artifact(pipe, artifact)
+    try:
+        with Timer() as timer:
+            start = time.perf_counter()
+            results = {split: benchmark.evaluate(runtime, concept, split) for split in SPLITS}
+            seconds = time.perf_counter() - start
+    finally:
+        runtime.close()
+    images = sum(len(r["images"]) for r in results.values())
+    return {"seconds": seconds, "generate_seconds": timer.seconds, "images": images,
+            "records": [rec for split in SPLITS for rec in results[split]["images"]],
+            "metrics": {split: results[split]["metrics"] for split in SPLITS}}
+
+
+def paired(old: list[dict[str, Any]], new: list[dict[str, Any]], group: str) -> dict[str, Any]:
+    """Rates both ways over the same images of ``group``, their paired difference and label agreement."""
+    a = [r for r in old if r["group"] == group]
+    b = [r for r in new if r["group"] == group]
+    assert [r["case"] for r in a] == [r["case"] for r in b], "the two ways must score the same images"
+    n = len(a)
+    only_new = sum(y["hit"] and not x["hit"] for x, y in zip(a, b, strict=True))
+    only_old = sum(x["hit"] and not y["hit"] for x, y in zip(a, b, strict=True))
+    diff = (only_new - only_old) / n
+    half = Z95 * math.sqrt(max(only_new + only_old - n * diff * diff, 0.0)) / n
+    return {"old": rate(sum(r["hit"] for r in a), n), "new": rate(sum(r["hit"] for r in b), n),
+            "difference": diff, "difference_low": diff - half, "difference_high": diff + half,
+            "label_agreement": sum(x["shape"] == y["shape"] for x, y in zip(a, b, strict=True)) / n}
+
+
+def pct(value: float) -> str:
+    return f"{100 * value:5.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--concept", default="circle")
+    parser.add_argument("--erased", action="append", default=[], metavar="LABEL=PATH",
+                        help="an erased checkpoint to evaluate (repeatable); none: train a short stage 1")
+    parser.add_argument("--stage1_iterations", type=int, default=200, help="without --erased: stage 1's length")
+    parser.add_argument("--new", action="append", type=parse_way, default=None, metavar="SCHEDULER:STEPS",
+                        help="a fast way (repeatable; the first is the one 'speedup' and 'rates_agree' judge); "
+                        "default dpm:10")
+    parser.add_argument("--old", type=parse_way, default=("pndm", 25), metavar="SCHEDULER:STEPS")
+    parser.add_argument("--compile", action="store_true",
+                        help="also the first fast way with torch.compile of the UNet (compile time reported)")
+    parser.add_argument("--presets", default=str(REPO_ROOT / "configs" / "compare" / "toy.yaml"),
+                        help="image counts per group and split: this file's 'evaluation' block")
+    parser.add_argument("--tolerance", type=float, default=0.10,
+                        help="largest |new − old| concept or usability rate (pooled over both splits) that agrees")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    news = args.new or [("dpm", 10)]
+
+    presets = yaml.safe_load(Path(args.presets).read_text(encoding="utf-8"))
+    counts = {k: v for k, v in (presets.get("evaluation") or {}).items() if k.endswith("_images")}
+    benchmark = ToyBenchmark({"evaluation": counts})
+    base_settings = benchmark.settings
+    ways = {f"{args.old[0]}:{args.old[1]}": replace(base_settings, scheduler=args.old[0],
+                                                    num_inference_steps=args.old[1])}
+    for scheduler, steps in news:
+        ways[f"{scheduler}:{steps}"] = replace(base_settings, scheduler=scheduler, num_inference_steps=steps)
+    old_name, new_name = list(ways)[0], list(ways)[1]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        models: dict[str, str | None] = {"base": None}
+        for item in args.erased:
+            label, _, path = item.partition("=")
+            models[label if path else Path(label).stem] = path or label
+        if not args.erased:
+            models[f"stage1-{args.stage1_iterations}"] = str(train_stage1(args.concept, args.stage1_iterations,
+                                                                         Path(tmp) / "stage1"))
+        pipe = benchmark.pipeline()
+        benchmark.scorer  # noqa: B018  (loaded before timing)
+        runs: dict[str, dict[str, Any]] = {}
+        for index, (label, artifact) in enumerate(models.items()):
+            order = list(ways) if index % 2 == 0 else list(reversed(ways))
+            runs[label] = {}
+            for way in order:
+                runs[label][way] = evaluate_once(benchmark, pipe, artifact, args.concept, ways[way])
+                r = runs[label][way]
+                print(f"{label:>14} {way:>9}: {r['seconds']:6.1f} s ({r['images'] / r['generate_seconds']:.1f} "
+                      "images/s generating)", flush=True)
+        compiled: dict[str, Any] | None = None
+        if args.compile:
+            forward = pipe.unet.forward
+            pipe.unet.forward = torch.compile(forward, dynamic=False)
+            try:
+                label, artifact = next(iter(models.items()))
+                first = evaluate_once(benchmark, pipe, artifact, args.concept, ways[new_name])
+                second = evaluate_once(benchmark, pipe, artifact, args.concept, ways[new_name])
+            finally:
+                pipe.unet.forward = forward
+            eager = runs[label][new_name]["seconds"]
+            compiled = {"way": f"{new_name}+compile", "model": label, "first_seconds": first["seconds"],
+                        "seconds": second["seconds"], "eager_seconds": eager,
+                        "compile_seconds": first["seconds"] - second["seconds"],
+                        "break_even_evaluations": (first["seconds"] - second["seconds"]) /
+                        (eager - second["seconds"]) if eager > second["seconds"] else None,
+                        "same_labels": [r["shape"] for r in second["records"]] ==
+                        [r["shape"] for r in runs[label][new_name]["records"]]}
+
+    # ---------------------------------------------------------------- the tables
+    timing = {}
+    for way in ways:
+        seconds = [runs[m][way]["seconds"] for m in models]
+        gen = [runs[m][way]["generate_seconds"] for m in models]
+        images = runs["base"][way]["images"]
+        timing[way] = {"seconds_per_evaluation": sum(seconds) / len(seconds),
+                       "generate_seconds_per_evaluation": sum(gen) / len(gen),
+                       "images_per_evaluation": images,
+                       "images_per_second": images * len(gen) / sum(gen),
+                       "unet_calls_per_image": ways[way].num_inference_steps * 2}
+    print(f"\ncheckpoint evaluation (validation + test, {timing[old_name]['images_per_evaluation']} images), "
+          f"{args.threads} thread(s), mean over {len(models)} models:")
+    print("| way | UNet calls/image | s/evaluation | of which generating | images/s generating | speedup |")
+    print("|---|---|---|---|---|---|")
+    for way, t in timing.items():
+        speed = timing[old_name]["seconds_per_evaluation"] / t["seconds_per_evaluation"]
+        print(f"| {way} | {t['unet_calls_per_image']} | {t['seconds_per_evaluation']:.1f} | "
+              f"{t['generate_seconds_per_evaluation']:.1f} | {t['images_per_second']:.1f} | {speed:.2f}× |")
+    if compiled:
+        print(f"| {compiled['way']} | {ways[new_name].num_inference_steps * 2} | {compiled['seconds']:.1f} "
+              f"(first: {compiled['first_seconds']:.1f}) | | | "
+              f"{timing[old_name]['seconds_per_evaluation'] / compiled['seconds']:.2f}× after compiling |")
+
+    comparisons: dict[str, Any] = {}
+    agree = True
+    for way in list(ways)[1:]:
+        comparisons[way] = {}
+        print(f"\nrates, {old_name} vs {way} (same prompts and seeds, both splits pooled; 95 % Wilson intervals; "
+              "Δ = new − old, paired 95 % interval):")
+        print(f"| model | group | {old_name} | {way} | Δ | same label |")
+        print("|---|---|---|---|---|---|")
+        for label in models:
+            comparisons[way][label] = {}
+            for group in GROUPS:
+                p = paired(runs[label][old_name]["records"], runs[label][way]["records"], group)
+                comparisons[way][label][group] = p
+                if way == new_name and abs(p["difference"]) > args.tolerance:
+                    agree = False
+                o, nw = p["old"], p["new"]
+                print(f"| {label} | {group} | {pct(o['rate'])} ({o['k']}/{o['n']}, {pct(o['low'])}–{pct(o['high'])}) "
+                      f"| {pct(nw['rate'])} ({nw['k']}/{nw['n']}, {pct(nw['low'])}–{pct(nw['high'])}) "
+                      f"| {100 * p['difference']:+.1f} ({100 * p['difference_low']:+.1f}…"
+                      f"{100 * p['difference_high']:+.1f}) | {pct(p['label_agreement'])} % |")
+    speedup = timing[old_name]["seconds_per_evaluation"] / timing[new_name]["seconds_per_evaluation"]
+    print(f"\nspeedup ({old_name} → {new_name}, per checkpoint evaluation): {speedup:.2f}×; rates agree "
+          f"(|Δ| ≤ {args.tolerance:g} on every group and model): {agree}")
+    if compiled:
+        print(f"torch.compile: first evaluation {compiled['first_seconds']:.1f} s, then {compiled['seconds']:.1f} s "
+              f"(eager {compiled['eager_seconds']:.1f} s); labels identical to eager: {compiled['same_labels']}")
+    if args.json:
+        table = {"command": " ".join(sys.argv), "threads": args.threads, "concept": args.concept,
+                 "models": {k: v for k, v in models.items()}, "old": old_name, "new": new_name,
+                 "speedup": speedup, "rates_agree": agree, "tolerance": args.tolerance, "timing": timing,
+                 "rates": comparisons, "compile": compiled,
+                 "metrics": {m: {w: runs[m][w]["metrics"] for w in ways} for m in models}}
+        Path(args.json).write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
