@@ -135,3 +135,93 @@ def test_once_runs_work_only_for_a_new_request(tmp_path):
     assert calls == [1]
     cache.once(folder, {"n": 2}, lambda: calls.append(3))
     assert calls == [1, 3]
+
+
+def test_chosen_plan_makes_test_images_only_at_chosen_points_and_the_report_copes(fake, tmp_path):
+    from coerasing.compare import report
+
+    class Full(FakeBenchmark):  # every group with its counts, as the toy world's metrics
+        def evaluate(self, runtime, concept, split):
+            result = super().evaluate(runtime, concept, split)
+            m = result["metrics"]
+            for group in ("explicit", "unrelated"):
+                m[group] = {"k": 1, "n": 2, **m[group]}
+            m["implicit"] = m["explicit"]
+            return result
+
+    benchmark = fake(Full())
+    presets = {"rule": {"max_usability_drop": 0.05}, "test_evaluation": "chosen"}
+    record = runner.run_job(_config(tmp_path), presets, "circle", 0, ["a"], "cpu")
+    tests = sorted(strength for strength, split in benchmark.calls if split == "test")
+    assert tests == [0.0, 2.0]  # the base model and the chosen checkpoint (s2), not s1, s3, s4
+    assert sum(split == "validation" for _, split in benchmark.calls) == 5
+    points = record["methods"]["a"]["points"]
+    assert [p["label"] for p in points if "test" in p] == ["s2"] == [record["methods"]["a"]["chosen"]["label"]]
+    rows = report.csv_rows([record])
+    assert [r["test_explicit_rate"] is None for r in rows] == [False, True, False, True, True]
+    assert report._curve_split([record], ["a"]) == "validation"
+    report.plot_concept([record], ["a"], "circle", tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_a_bad_test_evaluation_is_an_error(tmp_path):
+    from coerasing.errors import CoErasingError
+
+    presets = tmp_path / "presets.yaml"
+    presets.write_text("test_evaluation: some\n")
+    with pytest.raises(CoErasingError, match="test_evaluation"):
+        CompareConfig(output_dir=str(tmp_path / "out"), presets=str(presets)).validate()
+
+
+def test_seed_free_images_are_made_once_for_every_seed(fake, tmp_path, monkeypatch):
+    """The base model and a checkpoint without a training seed are evaluated once over two seeds."""
+    benchmark = fake(FakeBenchmark())
+
+    class SeedFree(FakeMethod):  # like GIE: the same artifact whatever the seed
+        def trace(self, context):
+            path = context.run_folder("fake", {"method": self.name}) / "point5.bin"
+            path.write_text(f"{self.name} 5")
+            return [CurvePoint("s5", 5.0, path)]
+
+    class Seeded(FakeMethod):  # like ESD: a training run per seed
+        def trace(self, context):
+            path = context.run_folder("fake", {"method": self.name, "seed": context.seed}) / "point1.bin"
+            path.write_text(f"{self.name}-{context.seed} 1")
+            return [CurvePoint("s1", 1.0, path)]
+
+    monkeypatch.setattr(runner, "get_method", lambda name: SeedFree(name, []) if name == "free" else Seeded(name, []))
+    for seed in (0, 1):
+        runner.run_job(_config(tmp_path), {}, "circle", seed, ["free", "seeded"], "cpu")
+    counts = {strength: sum(s == strength for s, _ in benchmark.calls) for strength in (0.0, 5.0, 1.0)}
+    assert counts == {0.0: 2, 5.0: 2, 1.0: 4}  # two splits each; the seeded checkpoint once per seed
+
+
+def test_jobs_split_over_two_ranks_and_rank_zero_writes_the_results(fake, tmp_path, monkeypatch):
+    """``accelerate launch``/``torchrun``: RANK/WORLD_SIZE split the jobs; rank 0 waits and reports."""
+    import coerasing.compare as compare
+
+    fake(FakeBenchmark())
+    ran: list[tuple[str, int, int]] = []
+    real_run_job = runner.run_job
+
+    def counted(config, presets, concept, seed, methods, device, progress=None):
+        ran.append((concept, seed, int(compare.distributed_rank()[0])))
+        return real_run_job(config, presets, concept, seed, methods, device, progress)
+
+    written = {}
+    monkeypatch.setattr(runner, "run_job", counted)
+    monkeypatch.setattr(compare, "write_results", lambda folder, records, methods, info: written.update(
+        records=records) or {"md": tmp_path / "results.md"})
+    presets = tmp_path / "presets.yaml"
+    presets.write_text("rule: {max_usability_drop: 0.05}\n")
+    config = CompareConfig(output_dir=str(tmp_path / "out"), presets=str(presets), concepts="circle,square",
+                           methods="esd", seeds="0,1", skip_attack=True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert compare.run_comparison(config) is None  # rank 1 runs its share and leaves the report to rank 0
+    monkeypatch.setenv("RANK", "0")
+    assert compare.run_comparison(config) is not None
+    jobs = [("circle", 0), ("square", 0), ("circle", 1), ("square", 1)]
+    assert sorted(ran) == sorted((c, s, i % 2) for i, (c, s) in enumerate(jobs))  # each job once, by its rank
+    assert len(written["records"]) == 4
+    assert {r["timing"]["process"] for r in written["records"]} == {"1/2", "2/2"}
