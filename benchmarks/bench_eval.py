@@ -144,6 +144,9 @@ def main() -> None:
                         help="image counts per group and split: this file's 'evaluation' block")
     parser.add_argument("--tolerance", type=float, default=0.10,
                         help="largest |new − old| concept or usability rate (pooled over both splits) that agrees")
+    parser.add_argument("--job_checkpoints", type=int, default=38,
+                        help="checkpoints of one comparison job (with the base model), for the job estimate")
+    parser.add_argument("--job_methods", type=int, default=5, help="methods of one job (chosen points)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -248,11 +251,24 @@ def main() -> None:
     if compiled:
         print(f"torch.compile: first evaluation {compiled['first_seconds']:.1f} s, then {compiled['seconds']:.1f} s "
               f"(eager {compiled['eager_seconds']:.1f} s); labels identical to eager: {compiled['same_labels']}")
+    # one job: every checkpoint on validation and test (old), against validation everywhere and test only
+    # at the base model and each method's chosen point (test_evaluation: chosen) with the new sampler
+    split_old = timing[old_name]["seconds_per_evaluation"] / 2
+    split_new = timing[new_name]["seconds_per_evaluation"] / 2
+    job_old = 2 * args.job_checkpoints * split_old
+    job_new = (args.job_checkpoints + args.job_methods + 1) * split_new
+    job = {"checkpoints": args.job_checkpoints, "methods": args.job_methods, "old_seconds": job_old,
+           "new_seconds": job_new, "speedup": job_old / job_new,
+           "evaluations_old": 2 * args.job_checkpoints, "evaluations_new": args.job_checkpoints + args.job_methods + 1}
+    print(f"one job's evaluations ({args.job_checkpoints} checkpoints, {args.job_methods} methods): "
+          f"{job['evaluations_old']} split evaluations with {old_name} = {job_old:.0f} s, against "
+          f"{job['evaluations_new']} with {new_name} and test_evaluation: chosen = {job_new:.0f} s "
+          f"({job['speedup']:.2f}×)")
     if args.json:
         table = {"command": " ".join(sys.argv), "threads": args.threads, "concept": args.concept,
                  "models": {k: v for k, v in models.items()}, "old": old_name, "new": new_name,
                  "speedup": speedup, "rates_agree": agree, "tolerance": args.tolerance, "timing": timing,
-                 "rates": comparisons, "compile": compiled,
+                 "rates": comparisons, "compile": compiled, "job": job,
                  "metrics": {m: {w: runs[m][w]["metrics"] for w in ways} for m in models}}
         Path(args.json).write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
 

@@ -225,3 +225,15 @@ def test_jobs_split_over_two_ranks_and_rank_zero_writes_the_results(fake, tmp_pa
     assert sorted(ran) == sorted((c, s, i % 2) for i, (c, s) in enumerate(jobs))  # each job once, by its rank
     assert len(written["records"]) == 4
     assert {r["timing"]["process"] for r in written["records"]} == {"1/2", "2/2"}
+
+
+def test_gie_checkpoints_and_their_evaluation_keys_hold_no_training_seed(tmp_path):
+    """GIE trains nothing: both seeds get the same artifacts, so their evaluations share one cache entry."""
+    from coerasing.methods import get_method
+
+    cache, benchmark, presets = Cache(tmp_path), FakeBenchmark(), {"gie": {"w": [-4.0, -8.0]}}
+    identities = []
+    for seed in (0, 1):
+        points = get_method("gie").trace(runner.Context(cache, benchmark, presets, "circle", seed, "cpu"))
+        identities.append([(p.label, p.artifact, runner.artifact_identity(p)) for p in points])
+    assert identities[0] == identities[1] and len(identities[0]) == 2
