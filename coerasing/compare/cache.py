@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,11 +40,29 @@ def key_of(payload: Any) -> str:
     return hashlib.sha256(canonical({"version": CACHE_VERSION, "payload": payload}).encode()).hexdigest()[:16]
 
 
+def lock_owner() -> str:
+    """What a lock file holds: ``<host> <pid>`` (ranks on several nodes may share one output folder)."""
+    return f"{socket.gethostname()} {os.getpid()}"
+
+
+def lock_is_stale(text: str) -> bool:
+    """Whether a lock file's holder is gone: a pid of *this* host that no longer runs.
+
+    A lock of another host is never taken over (its pid cannot be checked from here); an old lock
+    holding only a pid is read as this host's.
+    """
+    host, _, pid = text.strip().rpartition(" ")
+    if host and host != socket.gethostname():
+        return False
+    return pid.isdigit() and int(pid) > 0 and not pid_alive(int(pid))
+
+
 @contextmanager
 def locked(path: Path, poll: float = 1.0) -> Iterator[None]:
-    """Hold ``path`` (a lock file with our pid) while the block runs; wait while a live process holds it.
+    """Hold ``path`` (a lock file with our host and pid) while the block runs; wait while another holds it.
 
-    A lock left by a killed process (its pid is gone) is taken over.
+    A lock left by a killed process of this host (its pid is gone) is taken over; one left by a
+    killed process of another node must be deleted by hand (the files are ``cache/**/.*.lock``).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
@@ -51,16 +70,16 @@ def locked(path: Path, poll: float = 1.0) -> Iterator[None]:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             try:
-                holder = int(path.read_text() or "0")
-            except (OSError, ValueError):
-                holder = 0
-            if holder and not pid_alive(holder):
+                stale = lock_is_stale(path.read_text())
+            except OSError:
+                stale = False
+            if stale:
                 path.unlink(missing_ok=True)
                 continue
             time.sleep(poll)
             continue
         with os.fdopen(fd, "w") as handle:
-            handle.write(str(os.getpid()))
+            handle.write(lock_owner())
         break
     try:
         yield

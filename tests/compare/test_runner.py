@@ -237,3 +237,14 @@ def test_gie_checkpoints_and_their_evaluation_keys_hold_no_training_seed(tmp_pat
         points = get_method("gie").trace(runner.Context(cache, benchmark, presets, "circle", seed, "cpu"))
         identities.append([(p.label, p.artifact, runner.artifact_identity(p)) for p in points])
     assert identities[0] == identities[1] and len(identities[0]) == 2
+
+
+def test_a_lock_is_taken_over_only_from_a_dead_process_of_this_host():
+    import socket
+
+    from coerasing.compare.cache import lock_is_stale, lock_owner
+
+    dead = 2**22 + 12345  # above the usual pid range: no such process
+    assert not lock_is_stale(lock_owner())  # ours: alive
+    assert lock_is_stale(f"{socket.gethostname()} {dead}") and lock_is_stale(str(dead))  # this host's, gone
+    assert not lock_is_stale(f"another-node-{socket.gethostname()} {dead}")  # another node's: cannot tell, wait
