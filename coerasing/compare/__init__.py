@@ -24,7 +24,9 @@ from .runner import (
     distributed_rank,
     job_key,
     job_path,
+    launcher_environment_hidden,
     load_records,
+    process_device,
     run_shard,
     spawn_workers,
     wait_for,
@@ -46,7 +48,9 @@ def run_comparison(config: CompareConfig, argv: Sequence[str] | None = None) -> 
         run_shard(config, presets, jobs, key, methods, index, count)
         return None
     if world > 1:  # accelerate launch / torchrun: every rank takes its share, rank 0 writes the results
-        run_shard(config, presets, jobs, key, methods, rank, world)
+        device = process_device(config, rank)  # LOCAL_RANK's GPU, read before the variables are hidden
+        with launcher_environment_hidden():  # a job runs in one process (see the function)
+            run_shard(config, presets, jobs, key, methods, rank, world, device)
         if rank != 0:
             return None
         wait_for(paths)

@@ -19,7 +19,8 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -197,6 +198,28 @@ def distributed_rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+#: What ``torchrun``/``accelerate launch`` set for a process group (``LOCAL_RANK`` picks the GPU first).
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                      "ROLE_RANK", "ROLE_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
+                      "TORCHELASTIC_RUN_ID")
+
+
+@contextmanager
+def launcher_environment_hidden() -> Iterator[None]:
+    """Run the block as a single process: the launcher's variables are out of ``os.environ`` meanwhile.
+
+    A rank runs whole jobs alone; code inside a job that shards by itself (``generate_images`` through
+    accelerate's ``PartialState``, for the reference images) must not take this rank for a share of a
+    process group whose other ranks are busy with other jobs (it would make part of the images and
+    wait at a barrier the others never reach).
+    """
+    saved = {name: os.environ.pop(name) for name in LAUNCHER_VARIABLES if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def process_device(config: CompareConfig, rank: int) -> str:
     if config.device:
         return config.device
@@ -206,8 +229,8 @@ def process_device(config: CompareConfig, rank: int) -> str:
 
 
 def run_shard(config: CompareConfig, presets: dict[str, Any], jobs: Sequence[tuple[str, int]], key: str,
-              methods: Sequence[str], index: int, count: int) -> None:
-    """Run jobs ``index, index + count, …`` of ``jobs`` in this process."""
+              methods: Sequence[str], index: int, count: int, device: str | None = None) -> None:
+    """Run jobs ``index, index + count, …`` of ``jobs`` in this process (on ``device``, else its default)."""
     import diffusers
     import transformers
 
@@ -215,7 +238,7 @@ def run_shard(config: CompareConfig, presets: dict[str, Any], jobs: Sequence[tup
     diffusers.utils.logging.disable_progress_bar()  # per-component "Loading weights" bars drown the cell bar
     transformers.utils.logging.disable_progress_bar()
     mine = list(jobs)[index::count]
-    device = process_device(config, index)
+    device = device or process_device(config, index)
     progress = tqdm(total=len(mine) * len(methods), desc=f"cells (process {index + 1}/{count})", unit="cell",
                     dynamic_ncols=True, position=index)
     for concept, seed in mine:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -203,9 +204,12 @@ def test_jobs_split_over_two_ranks_and_rank_zero_writes_the_results(fake, tmp_pa
     fake(FakeBenchmark())
     ran: list[tuple[str, int, int]] = []
     real_run_job = runner.run_job
+    rank = {"now": -1}
 
     def counted(config, presets, concept, seed, methods, device, progress=None):
-        ran.append((concept, seed, int(compare.distributed_rank()[0])))
+        # inside a job the launcher's variables are hidden: generate_images must not shard a job's images
+        assert "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
+        ran.append((concept, seed, rank["now"]))
         return real_run_job(config, presets, concept, seed, methods, device, progress)
 
     written = {}
@@ -218,8 +222,11 @@ def test_jobs_split_over_two_ranks_and_rank_zero_writes_the_results(fake, tmp_pa
                            methods="esd", seeds="0,1", skip_attack=True)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
+    rank["now"] = 1
     assert compare.run_comparison(config) is None  # rank 1 runs its share and leaves the report to rank 0
+    assert os.environ["RANK"] == "1"  # and its environment is back
     monkeypatch.setenv("RANK", "0")
+    rank["now"] = 0
     assert compare.run_comparison(config) is not None
     jobs = [("circle", 0), ("square", 0), ("circle", 1), ("square", 1)]
     assert sorted(ran) == sorted((c, s, i % 2) for i, (c, s) in enumerate(jobs))  # each job once, by its rank
