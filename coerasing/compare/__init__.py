@@ -2,8 +2,9 @@
 
 ``python compare.py`` (docs/comparison.md): for every concept × method × training seed, train once
 with checkpoints along the way (:mod:`coerasing.methods`, each method's ``trace``), evaluate every
-checkpoint on validation and test prompts (:mod:`.benchmarks`), choose each method's operating point
-by one rule fixed in advance on validation prompts only (:mod:`.select`), attack it on test prompts,
+checkpoint on validation prompts and, as the presets' ``test_evaluation`` says, every checkpoint or
+only the chosen ones on test prompts (:mod:`.benchmarks`), choose each method's operating point by
+one rule fixed in advance on validation prompts only (:mod:`.select`), attack it on test prompts,
 and write the results, plots and grids (:mod:`.report`). Everything is cached by its full settings
 (:mod:`.cache`), so an interrupted comparison resumes, and jobs are spread over processes or GPUs
 (:mod:`.runner`).
