@@ -16,9 +16,8 @@ from coerasing.toy.classifier import ToyClassifier
 
 from ..conftest import REPO_ROOT
 
-pytestmark = pytest.mark.slow  # about 15 s on one core: 32 images at 25 PNDM steps and at the fast sampler
 
-
+@pytest.mark.slow  # about 15 s on one core: 32 images at 25 PNDM steps and at the fast sampler
 def test_fast_sampler_labels_match_the_25_step_protocol_on_32_base_images():
     """≥ 90 % of per-image classifier labels agree (32 validation images of circle, base model)."""
     evaluation = yaml.safe_load((REPO_ROOT / "configs" / "compare" / "toy.yaml").read_text())["evaluation"]
@@ -41,3 +40,19 @@ def test_fast_sampler_labels_match_the_25_step_protocol_on_32_base_images():
     agree = sum(a == b for a, b in zip(before, after, strict=True)) / len(rows)
     assert agree >= 0.9, (agree, before, after)
     assert (images != reference).any()  # a different sampler really ran
+
+
+def test_samplers_swap_for_a_block_and_a_bad_name_is_a_user_error():
+    from coerasing.compare.benchmarks import ToyBenchmark
+    from coerasing.errors import CoErasingError
+    from coerasing.generation import scheduler_swapped
+
+    pipe = load_generation_pipeline(str(TOY_MODEL_DIR), torch.device("cpu"), torch.float32)
+    own = pipe.scheduler
+    for name, cls in (("unipc", "UniPCMultistepScheduler"), ("dpm", "DPMSolverMultistepScheduler")):
+        with scheduler_swapped(pipe, name):
+            assert type(pipe.scheduler).__name__ == cls
+            assert pipe.scheduler.config.beta_schedule == own.config.beta_schedule  # the model's noise schedule
+        assert pipe.scheduler is own
+    with pytest.raises(CoErasingError, match="scheduler"):
+        ToyBenchmark({"evaluation": {"scheduler": "magic"}})
