@@ -144,7 +144,7 @@ def main() -> None:
     parser.add_argument("--stage1_iterations", type=int, default=200, help="without --erased: stage 1's length")
     parser.add_argument("--new", action="append", type=parse_way, default=None, metavar="SCHEDULER:STEPS",
                         help="a fast way (repeatable; the first is the one 'speedup' and 'rates_agree' judge); "
-                        "default dpm:10")
+                        "default: the --presets file's evaluation sampler and steps")
     parser.add_argument("--old", type=parse_way, default=("pndm", 25), metavar="SCHEDULER:STEPS")
     parser.add_argument("--compile", action="store_true",
                         help="also the first fast way with torch.compile of the UNet (compile time reported)")
@@ -159,10 +159,10 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    news = args.new or [("dpm", 10)]
-
     presets = yaml.safe_load(Path(args.presets).read_text(encoding="utf-8"))
-    counts = {k: v for k, v in (presets.get("evaluation") or {}).items() if k.endswith("_images")}
+    evaluation = presets.get("evaluation") or {}
+    counts = {k: v for k, v in evaluation.items() if k.endswith("_images")}
+    news = args.new or [(str(evaluation.get("scheduler", "dpm")), int(evaluation.get("num_inference_steps", 20)))]
     benchmark = ToyBenchmark({"evaluation": counts})
     base_settings = benchmark.settings
     ways = {f"{args.old[0]}:{args.old[1]}": replace(base_settings, scheduler=args.old[0],
