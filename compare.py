@@ -7,8 +7,9 @@
     accelerate launch --num_processes 2 compare.py …   # or torchrun: jobs spread over processes / GPUs
 
 For each concept × method × seed it trains once with checkpoints along the way, evaluates every
-checkpoint on validation and on test prompts, chooses each method's operating point by one rule
-fixed in advance on validation prompts, attacks it (UnlearnDiff) on test prompts, and writes
+checkpoint on validation prompts (test prompts too with the presets' test_evaluation: all; the toy
+presets' chosen makes test images only at the chosen points), chooses each method's operating point
+by one rule fixed in advance on validation prompts, attacks it (UnlearnDiff) on test prompts, and writes
 results.json, results.csv, results.md, plot_<concept>.png and grid_<concept>.png into --output_dir.
 Every cell is cached by its full settings: rerunning after an interruption redoes only what is
 missing. Without a launcher the CPU cores are used by local worker processes (--workers).

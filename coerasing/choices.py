@@ -24,4 +24,4 @@ DIFF_METHODS: tuple[str, ...] = ("diff", "l1", "l2")
 #: ``--modality``: stage 1 (text, ESD) or stage 2 (image, Co-Erasing).
 MODALITIES: tuple[str, ...] = ("text", "image")
 #: ``--scheduler`` of evaluation generation; ``default`` keeps the model's own.
-SCHEDULERS: tuple[str, ...] = ("default", "pndm", "lms", "ddim", "euler", "dpm")
+SCHEDULERS: tuple[str, ...] = ("default", "pndm", "lms", "ddim", "euler", "dpm", "unipc")

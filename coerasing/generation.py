@@ -27,7 +27,8 @@ import csv
 import importlib.util
 import io
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,7 @@ def set_scheduler(pipe: Any, name: str) -> None:
         "ddim": "DDIMScheduler",
         "euler": "EulerDiscreteScheduler",
         "dpm": "DPMSolverMultistepScheduler",
+        "unipc": "UniPCMultistepScheduler",
     }
     if name not in classes:
         raise CoErasingError(f"--scheduler {name!r} is not one of {', '.join(SCHEDULERS)}.")
@@ -122,6 +124,17 @@ def set_scheduler(pipe: Any, name: str) -> None:
             "integrate its coefficients. Install it (pip install scipy) or pick another --scheduler."
         )
     pipe.scheduler = getattr(diffusers, classes[name]).from_config(pipe.scheduler.config)
+
+
+@contextmanager
+def scheduler_swapped(pipe: Any, name: str) -> Iterator[None]:
+    """Sample with ``name`` inside the block (:func:`set_scheduler`); the pipeline's own sampler afterwards."""
+    original = pipe.scheduler
+    set_scheduler(pipe, name)
+    try:
+        yield
+    finally:
+        pipe.scheduler = original
 
 
 def load_generation_pipeline(ckpt_path: str, device: torch.device, dtype: torch.dtype, scheduler: str = "default"):

@@ -2,7 +2,8 @@
 
 ``python compare.py`` (docs/comparison.md): for every concept × method × training seed, train once
 with checkpoints along the way (:mod:`coerasing.methods`, each method's ``trace``), evaluate every
-checkpoint on validation and test prompts (:mod:`.protocols`; each metric declared once, :mod:`.metrics`),
+checkpoint on validation prompts and, as the presets' ``test_evaluation`` says, every checkpoint or
+only the chosen ones on test prompts (:mod:`.protocols`; each metric declared once, :mod:`.metrics`),
 choose each method's operating point by one rule fixed in advance on validation prompts only
 (:mod:`.select`), attack it on test prompts,
 and write the results, plots and grids (:mod:`.report`). Everything is cached by its full settings
@@ -26,7 +27,9 @@ from .runner import (
     distributed_rank,
     job_key,
     job_path,
+    launcher_environment_hidden,
     load_records,
+    process_device,
     run_shard,
     spawn_workers,
     wait_for,
@@ -48,7 +51,9 @@ def run_comparison(config: CompareConfig, argv: Sequence[str] | None = None) -> 
         run_shard(config, presets, jobs, key, methods, index, count)
         return None
     if world > 1:  # accelerate launch / torchrun: every rank takes its share, rank 0 writes the results
-        run_shard(config, presets, jobs, key, methods, rank, world)
+        device = process_device(config, rank)  # LOCAL_RANK's GPU, read before the variables are hidden
+        with launcher_environment_hidden():  # a job runs in one process (see the function)
+            run_shard(config, presets, jobs, key, methods, rank, world, device)
         if rank != 0:
             return None
         wait_for(paths)

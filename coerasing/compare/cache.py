@@ -76,7 +76,9 @@ def locked(path: Path, poll: float = 1.0) -> Iterator[None]:
     A lock whose holder is gone, or whose pid now belongs to another process (a restart, another
     program), is taken over with a message; a wait longer than :data:`WAIT_NOTICE_S` says whom it
     waits for. A lock whose file is empty or unreadable (its holder was killed while writing it) is
-    given the same grace period, then taken over.
+    given the same grace period, then taken over. A lock held on another host (ranks on several nodes
+    sharing one output folder) is never taken over, since its process cannot be checked from here: one
+    left by a killed process of another node must be deleted by hand (the files are ``cache/**/.*.lock``).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     started, told, unreadable_since = time.monotonic(), 0.0, None

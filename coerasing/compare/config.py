@@ -12,12 +12,22 @@ from ..errors import CoErasingError
 from ..flags import check_fields, check_output_fields, flag
 from ..toy import TOY_MODEL_DIR
 from ..toy.world import SHAPES
-from .presets import apply_quick, validate_presets
+from .presets import TEST_EVALUATIONS, apply_quick, validate_presets
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: Methods compared by default (every method with a trace).
 DEFAULT_METHODS = "esd,coerasing,no-refinement,image-only,esd-equal-compute"
 WHAT, MODEL, RUN, REAL = "what to compare", "model", "running", "real Stable Diffusion (--ckpt_path)"
+
+
+def evaluation_plan(presets: dict[str, Any]) -> str:
+    """The presets' ``test_evaluation`` (default ``all``, how docs/results/ were made), checked."""
+    value = str(presets.get("test_evaluation", "all"))
+    if value not in TEST_EVALUATIONS:
+        raise CoErasingError(f"the presets' test_evaluation is {value!r}; use one of: {', '.join(TEST_EVALUATIONS)} "
+                             "(all: test images at every checkpoint, for test-split curves; chosen: only at "
+                             "each method's chosen checkpoint, the curves are drawn on validation prompts).")
+    return value
 
 
 @dataclass
@@ -111,6 +121,8 @@ class CompareConfig:
             index, _, count = self.shard.partition("/")
             if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
                 raise CoErasingError(f"--shard {self.shard!r} must be 'i/n' with 0 ≤ i < n.")
-        self.lists(self.load_presets())
+        presets = self.load_presets()
+        self.lists(presets)
+        evaluation_plan(presets)
         check_output_fields(self)
         return self

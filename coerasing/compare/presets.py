@@ -33,8 +33,11 @@ RESERVED = frozenset({
 LIST_KEYS: dict[str, frozenset[str]] = {"gie": frozenset({"w"})}
 #: Blocks every presets file has (use ``name: {}`` for all defaults).
 REQUIRED = ("stage1", "stage2", "references", "evaluation", "attack", "rule")
-#: Top-level keys that are single values, not blocks.
-SCALARS = ("concepts", "methods", "seeds")
+#: The presets' ``test_evaluation``: test images at every checkpoint, or only at each method's chosen one.
+TEST_EVALUATIONS = ("all", "chosen")
+#: Top-level keys that are single values, not blocks (with their allowed values, where fixed).
+SCALARS = ("concepts", "methods", "seeds", "test_evaluation")
+SCALAR_CHOICES: dict[str, tuple[str, ...]] = {"test_evaluation": TEST_EVALUATIONS}
 
 
 @dataclass(frozen=True)
@@ -127,9 +130,10 @@ def _attack_schema() -> Schema:
 
 def _evaluation_schema(toy: bool) -> Schema:
     if toy:
+        from ..choices import SCHEDULERS
         from ..toy.protocol import ToyEvalSettings
 
-        return dataclass_schema(ToyEvalSettings, {"guidance_scale": (0, 100)})
+        return dataclass_schema(ToyEvalSettings, {"guidance_scale": (0, 100)}, choices={"scheduler": SCHEDULERS})
     from ..eval.config import EvalConfig
 
     keys = ("num_inference_steps", "guidance_scale", "height", "width", "batch_size", "scheduler", "threshold",
@@ -185,6 +189,11 @@ def _check_block(where: str, block: Any, schema: Schema) -> dict[str, Any]:
 def _check_scalar(where: str, name: str, value: Any) -> Any:
     if name == "seeds" and isinstance(value, int) and not isinstance(value, bool):
         return str(value)
+    if name in SCALAR_CHOICES:
+        if value not in SCALAR_CHOICES[name]:
+            raise CoErasingError(f"{where}.{name} {value!r} is not known; choose one of: "
+                                 f"{', '.join(SCALAR_CHOICES[name])}.")
+        return value
     if not isinstance(value, str):
         raise CoErasingError(f"{where}.{name} must be a comma-separated string, e.g. 'circle,star' or '0,1,2'; got "
                              f"{value!r}.")

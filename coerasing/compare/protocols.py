@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..choices import DEFAULT_IMAGE_ENCODER, DEFAULT_IP_ADAPTER
+from ..choices import DEFAULT_IMAGE_ENCODER, DEFAULT_IP_ADAPTER, SCHEDULERS
 from ..config import GenerateConfig
 from ..errors import CoErasingError
 from ..eval.attack import AttackSettings
@@ -151,6 +151,9 @@ class ToyProtocol(EvaluationProtocol):
         self.model = Path(model).expanduser().resolve()
         self.presets = presets
         self.settings = toy.ToyEvalSettings(**(presets.get("evaluation") or {}))
+        if self.settings.scheduler not in SCHEDULERS:
+            raise CoErasingError(f"the presets' evaluation.scheduler is {self.settings.scheduler!r}; use one of: "
+                                 f"{', '.join(SCHEDULERS)} (default: the model's own, 25-step PNDM on the toy world).")
         self.attack_block = dict(presets.get("attack") or {})
         self.device = device
         self._scorer: toy.ToyScorer | None = None

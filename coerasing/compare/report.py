@@ -11,7 +11,8 @@ Every metric column comes from the protocol's declarations (:class:`~coerasing.c
   the pooled count with its 95 % interval, and the attack success rates.
 - ``plot_<concept>.png``: each erasure rate flagged for the rule (explicit, and implicit) against the
   rule's usability rate (unrelated accuracy) on test prompts, a line per method through its
-  checkpoints (mean over seeds), the chosen points marked.
+  checkpoints (mean over seeds), the chosen points marked; on validation prompts when only the
+  chosen checkpoints have test images (``test_evaluation: chosen``).
 - ``grid_<concept>.png``: rows = the base model and each method at its chosen point (first seed),
   columns = explicit, implicit and unrelated test prompts.
 """
@@ -69,7 +70,7 @@ def csv_rows(records: Sequence[dict[str, Any]], metrics: Sequence[Metric]) -> li
             row: dict[str, Any] = {"concept": concept, "method": name, "seed": seed, "checkpoint": label,
                                    "strength": strength, "chosen": chosen}
             for split in SPLITS:
-                values = entry[split]["metrics"]
+                values = entry[split]["metrics"] if split in entry else {}  # test_evaluation: chosen
                 for metric in metrics:
                     block = values.get(metric.name)
                     if metric.percent:
@@ -164,7 +165,7 @@ def agreement(records: Sequence[dict[str, Any]], method: str, metrics: Sequence[
     verdicts = []
     for record in records:
         entry = record["methods"][method]
-        if not entry["chosen"].get("qualified", True) or any("metrics" not in p["test"] for p in entry["points"]):
+        if not entry["chosen"].get("qualified", True) or any("test" not in p for p in entry["points"]):
             continue  # a checkpoint without test images: agreement is not judged for this cell
         candidates = [Candidate(p["label"], p["strength"], p["test"]["metrics"]) for p in entry["points"]]
         verdicts.append(selection_agrees(
@@ -303,14 +304,15 @@ def plot_concept(records: Sequence[dict[str, Any]], methods: Sequence[str], conc
     import matplotlib.pyplot as plt
 
     group_records = [r for r in records if r["concept"] == concept]
+    split = _curve_split(group_records, methods)
     erasure = [m for m in metrics if m.rule == "erasure"]
     usability = next((m for m in metrics if m.rule == "usability"), None)
-    if usability is None or usability.value(group_records[0]["base"]["test"]["metrics"]) is None:
-        return _plot_against_strength(group_records, methods, concept, path, erasure[0])
+    if usability is None or usability.value(group_records[0]["base"][split]["metrics"]) is None:
+        return _plot_against_strength(group_records, methods, concept, path, erasure[0], split)
     fig, axes = plt.subplots(1, len(erasure), figsize=(5.5 * len(erasure), 4.5), sharex=True, squeeze=False)
     for ax, metric in zip(axes[0], erasure, strict=True):
         group = metric.name
-        base = [r["base"]["test"]["metrics"] for r in group_records]
+        base = [r["base"][split]["metrics"] for r in group_records]
         ax.scatter([np.mean([_value(b, usability.name) for b in base])], [np.mean([_value(b, group) for b in base])],
                    marker="*", s=260, color="black", edgecolor="white", linewidth=1.0, label="base", zorder=8)
         for index, method in enumerate(methods):
@@ -319,8 +321,8 @@ def plot_concept(records: Sequence[dict[str, Any]], methods: Sequence[str], conc
             for label in labels:
                 points = [next(p for p in r["methods"][method]["points"] if p["label"] == label)
                           for r in group_records]
-                x = [_value(p["test"]["metrics"], usability.name) for p in points]
-                y = [_value(p["test"]["metrics"], group) for p in points]
+                x = [_value(p[split]["metrics"], usability.name) for p in points]
+                y = [_value(p[split]["metrics"], group) for p in points]
                 xs.append(np.mean(x)), ys.append(np.mean(y))
                 xe.append(np.std(x, ddof=1) if len(x) > 1 else 0), ye.append(np.std(y, ddof=1) if len(y) > 1 else 0)
             color, style = f"C{index}", STYLES[index % len(STYLES)]
@@ -329,16 +331,22 @@ def plot_concept(records: Sequence[dict[str, Any]], methods: Sequence[str], conc
             for r in group_records:
                 chosen = next(p for p in r["methods"][method]["points"]
                               if p["label"] == r["methods"][method]["chosen"]["label"])
-                values = chosen["test"]["metrics"]
+                values = chosen[split]["metrics"]
                 ax.scatter([_value(values, usability.name)], [_value(values, group)],
                            marker=style[1], s=110, color=color, edgecolor="black", linewidth=1.5, zorder=6)
-        ax.set_xlabel(f"{usability.description or usability.label} (test) {usability.arrow}")
-        ax.set_ylabel(f"{concept}: {metric.description or metric.label} (test) {metric.arrow}")
+        ax.set_xlabel(f"{usability.description or usability.label} ({split}) {usability.arrow}")
+        ax.set_ylabel(f"{concept}: {metric.description or metric.label} ({split}) {metric.arrow}")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8, loc="best")
-    fig.suptitle(f"{concept}: trade-off curves on test prompts, mean ± sd over {len(group_records)} seed(s)\n"
+    fig.suptitle(f"{concept}: trade-off curves on {split} prompts, mean ± sd over {len(group_records)} seed(s)\n"
                  "large outlined markers: each seed's chosen point; curves that share checkpoints overlap", fontsize=10)
     _save_figure(fig, path)
+
+
+def _curve_split(records: Sequence[dict[str, Any]], methods: Sequence[str]) -> str:
+    """``test`` when every checkpoint has test metrics, else ``validation`` (``test_evaluation: chosen``)."""
+    every = all("test" in p for r in records for m in methods for p in r["methods"][m]["points"])
+    return "test" if every else "validation"
 
 
 def _save_figure(fig: Any, path: Path) -> None:
@@ -353,7 +361,7 @@ def _save_figure(fig: Any, path: Path) -> None:
 
 
 def _plot_against_strength(records: Sequence[dict[str, Any]], methods: Sequence[str], concept: str,
-                           path: Path, metric: Metric) -> None:
+                           path: Path, metric: Metric, split: str = "test") -> None:
     """Without a usability measure (the real protocol without --clip_model): concept rate along each curve."""
     import matplotlib.pyplot as plt  # the Agg backend is chosen by plot_concept, the only caller
 
@@ -361,12 +369,12 @@ def _plot_against_strength(records: Sequence[dict[str, Any]], methods: Sequence[
     for index, method in enumerate(methods):
         points = records[0]["methods"][method]["points"]
         means = [np.mean([_value(next(p for p in r["methods"][method]["points"] if p["label"] == point["label"])
-                                 ["test"]["metrics"], metric.name) for r in records]) for point in points]
+                                 [split]["metrics"], metric.name) for r in records]) for point in points]
         ax.plot([p["strength"] for p in points], means, marker="o", color=f"C{index}", label=method)
-    ax.axhline(np.mean([_value(r["base"]["test"]["metrics"], metric.name) for r in records]), color="black",
+    ax.axhline(np.mean([_value(r["base"][split]["metrics"], metric.name) for r in records]), color="black",
                linestyle="--", label="base")
     ax.set_xlabel("curve position (iterations, stages or |w|)")
-    ax.set_ylabel(f"{concept}: {metric.description or metric.label} (test) {metric.arrow}")
+    ax.set_ylabel(f"{concept}: {metric.description or metric.label} ({split}) {metric.arrow}")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     _save_figure(fig, path)

@@ -2,9 +2,12 @@
 
 One job is one concept and one training seed. It asks every method for its curve
 (:meth:`~coerasing.methods.Method.trace`: training, cached), evaluates the base model and every
-checkpoint on the validation and the test prompts (cached), chooses each method's operating point
-on validation prompts (:mod:`.select`), attacks it on test prompts, and writes
-``jobs/<concept>-seed<s>-<key>.json``. Jobs are spread over processes: ``accelerate launch`` /
+checkpoint on the validation prompts (cached), chooses each method's operating point there
+(:mod:`.select`), evaluates the test prompts (at every checkpoint with the presets'
+``test_evaluation: all``; at the chosen checkpoint only with ``chosen``), attacks the chosen point on
+test prompts, and writes ``jobs/<concept>-seed<s>-<key>.json``. An evaluation's cache key holds no
+training seed, so the base model's images and those of seed-free checkpoints (GIE's) are made once
+for every seed. Jobs are spread over processes: ``accelerate launch`` /
 ``torchrun`` ranks, or local worker processes that ``compare.py`` starts itself (one per CPU core
 by default, each with one torch thread, so that results do not depend on how the work was split).
 """
@@ -16,7 +19,8 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -29,7 +33,7 @@ from ..images import list_image_files, load_images
 from ..methods import apply_artifact, get_method
 from ..methods.base import CurvePoint, Runtime, read_artifact
 from .cache import Cache, key_of
-from .config import CompareConfig
+from .config import CompareConfig, evaluation_plan
 from .protocols import EvaluationProtocol, concept_label, make_protocol
 from .select import Candidate, choose_operating_point
 
@@ -132,6 +136,7 @@ def run_job(config: CompareConfig, presets: dict[str, Any], concept: str, seed: 
     protocol = make_protocol(config, presets, device)
     context = Context(cache, protocol, presets, concept, seed, device)
     rule = float((presets.get("rule") or {}).get("max_usability_drop", 0.05))
+    plan = evaluation_plan(presets)
     traces: dict[str, list[CurvePoint]] = {}
     for name in methods:
         traces[name] = get_method(name).trace(context)
@@ -159,14 +164,18 @@ def run_job(config: CompareConfig, presets: dict[str, Any], concept: str, seed: 
     for name, points in traces.items():
         evaluated = []
         for point in points:
-            entries = {split: evaluate_point(cache, protocol, pipe, concept, point, split) for split in SPLITS}
+            splits = SPLITS if plan == "all" else ("validation",)
+            entries = {split: evaluate_point(cache, protocol, pipe, concept, point, split) for split in splits}
             evaluated.append((point, entries))
         candidates = [Candidate(p.label, p.strength, e["validation"]["metrics"]) for p, e in evaluated]
         choice = choose_operating_point(candidates, base["validation"]["metrics"], protocol.erasure,
                                         protocol.usability, rule)
+        for point, entries in evaluated:  # test_evaluation: chosen → test images at the chosen point only
+            if point.label == choice.label and "test" not in entries:
+                entries["test"] = evaluate_point(cache, protocol, pipe, concept, point, "test")
         method_record: dict[str, Any] = {
             "points": [{"label": p.label, "strength": p.strength, "artifact": cache.portable(str(p.artifact)),
-                        **{split: _summary(e[split], cache) for split in SPLITS}} for p, e in evaluated],
+                        **{split: _summary(e[split], cache) for split in SPLITS if split in e}} for p, e in evaluated],
             "chosen": asdict(choice),
         }
         if not config.skip_attack:
@@ -200,6 +209,28 @@ def distributed_rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+#: What ``torchrun``/``accelerate launch`` set for a process group (``LOCAL_RANK`` picks the GPU first).
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                      "ROLE_RANK", "ROLE_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
+                      "TORCHELASTIC_RUN_ID")
+
+
+@contextmanager
+def launcher_environment_hidden() -> Iterator[None]:
+    """Run the block as a single process: the launcher's variables are out of ``os.environ`` meanwhile.
+
+    A rank runs whole jobs alone; code inside a job that shards by itself (``generate_images`` through
+    accelerate's ``PartialState``, for the reference images) must not take this rank for a share of a
+    process group whose other ranks are busy with other jobs (it would make part of the images and
+    wait at a barrier the others never reach).
+    """
+    saved = {name: os.environ.pop(name) for name in LAUNCHER_VARIABLES if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def process_device(config: CompareConfig, rank: int) -> str:
     if config.device:
         return config.device
@@ -209,8 +240,8 @@ def process_device(config: CompareConfig, rank: int) -> str:
 
 
 def run_shard(config: CompareConfig, presets: dict[str, Any], jobs: Sequence[tuple[str, int]], key: str,
-              methods: Sequence[str], index: int, count: int) -> None:
-    """Run jobs ``index, index + count, …`` of ``jobs`` in this process."""
+              methods: Sequence[str], index: int, count: int, device: str | None = None) -> None:
+    """Run jobs ``index, index + count, …`` of ``jobs`` in this process (on ``device``, else its default)."""
     import diffusers
     import transformers
 
@@ -218,7 +249,7 @@ def run_shard(config: CompareConfig, presets: dict[str, Any], jobs: Sequence[tup
     diffusers.utils.logging.disable_progress_bar()  # per-component "Loading weights" bars drown the cell bar
     transformers.utils.logging.disable_progress_bar()
     mine = list(jobs)[index::count]
-    device = process_device(config, index)
+    device = device or process_device(config, index)
     progress = tqdm(total=len(mine) * len(methods), desc=f"cells (process {index + 1}/{count})", unit="cell",
                     dynamic_ncols=True, position=index)
     for concept, seed in mine:

@@ -40,7 +40,7 @@ from PIL import Image
 from ..errors import CoErasingError
 from ..eval.attack import AttackSettings
 from ..eval.attacks import ConceptInversion, UnlearnDiff, asr, run_attack
-from ..generation import GenerationSettings, ImageRow
+from ..generation import GenerationSettings, ImageRow, scheduler_swapped
 from ..methods.base import Runtime
 from ..stats import frechet_distance, rate
 from . import TOY_GUIDANCE
@@ -77,6 +77,8 @@ class ToyEvalSettings:
     batch_size: int = 128
     #: Renders per generated image in the Fréchet distance's reference set.
     reference_renders: int = 4
+    #: Sampler of every image (:data:`coerasing.choices.SCHEDULERS`; ``default``: the model's own, PNDM here).
+    scheduler: str = "default"
 
     def images(self, group: str) -> int:
         return {"explicit": self.explicit_images, "implicit": self.implicit_images,
@@ -213,11 +215,12 @@ def generate(runtime: Runtime, rows: Sequence[ToyRow], settings: ToyEvalSettings
     """``[N, H, W, 3]`` uint8 images of ``rows`` through ``runtime`` (batched; each image its own seed)."""
     size = int(runtime.pipe.unet.config.sample_size) * int(runtime.pipe.vae_scale_factor)
     out = []
-    for start in range(0, len(rows), settings.batch_size):
-        batch = rows[start : start + settings.batch_size]
-        out.append(runtime.render([r.seed for r in batch], settings.guidance_scale, size, size,
-                                  settings.num_inference_steps, prompts=[r.prompt.prompt for r in batch],
-                                  output_type="np"))
+    with scheduler_swapped(runtime.pipe, settings.scheduler):
+        for start in range(0, len(rows), settings.batch_size):
+            batch = rows[start : start + settings.batch_size]
+            out.append(runtime.render([r.seed for r in batch], settings.guidance_scale, size, size,
+                                      settings.num_inference_steps, prompts=[r.prompt.prompt for r in batch],
+                                      output_type="np"))
     return np.concatenate(out)
 
 
@@ -290,7 +293,8 @@ def concept_inversion(
         lambda: ToyShapeDetector(scorer.model / "classifier", [concept], str(runtime.device)),
         batch_size=max(1, count), save_images=False, progress=False)
     rows = inversion_rows(count)
-    records = run_attack(attack, rows, out_dir, made_by, runtime)
+    with scheduler_swapped(runtime.pipe, settings.scheduler):
+        records = run_attack(attack, rows, out_dir, made_by, runtime)
     summary = asr([row.case for row in rows], {}, records)
     losses = attack.losses or attack.stored_losses(out_dir)
     return {**summary["asr_interval"], "token_loss_first": losses[0] if losses else None,
@@ -304,7 +308,8 @@ def attack_rows(concept: str, settings: ToyEvalSettings, count: int) -> list[Toy
 
 
 def _generation(settings: ToyEvalSettings) -> GenerationSettings:
-    return GenerationSettings(num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale)
+    return GenerationSettings(num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
+                              scheduler=settings.scheduler)
 
 
 def attack(
@@ -329,5 +334,6 @@ def attack(
     unlearndiff = UnlearnDiff(
         attack_settings, _generation(settings), lambda row: references[row.case],
         lambda: ToyShapeDetector(scorer.model / "classifier", [concept], str(runtime.device)))
-    records = run_attack(unlearndiff, [row.image_row() for row in rows], out_dir, made_by, runtime, pre)
+    with scheduler_swapped(runtime.pipe, settings.scheduler):
+        records = run_attack(unlearndiff, [row.image_row() for row in rows], out_dir, made_by, runtime, pre)
     return asr([row.case for row in rows], pre, records)

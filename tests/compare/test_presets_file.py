@@ -75,6 +75,7 @@ CASES = {
     "seeds a list": ("seeds", [0, 1], "seeds must be a comma-separated string"),
     "concepts a number": ("concepts", 3, "concepts must be a comma-separated string"),
     "labels not a mapping": ("labels", ["a"], "labels must map concept names"),
+    "unknown test evaluation": ("test_evaluation", "some", "test_evaluation 'some' is not known"),
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import replace
 
@@ -22,6 +23,9 @@ class FakeRuntime:
     def close(self) -> None:
         pass
 
+
+#: The blocks every presets file has (their defaults), for tests that write a small presets file.
+BLOCKS = "stage1: {}\nstage2: {}\nreferences: {}\nevaluation: {}\nattack: {}\n"
 
 EXPLICIT = Metric("explicit", "explicit", "lower", "erasure", rule="erasure")
 UNRELATED = Metric("unrelated", "unrelated", "higher", "usability", rule="usability")
@@ -215,3 +219,111 @@ def test_report_columns_come_from_the_declarations(fake, tmp_path):
     assert "| 20.0 ± 0.0 |" in text  # the chosen point s2 of both seeds, with the declared one decimal
     assert "| a | 2/2 | 50.0 | 50.0 | 20.0 | – | – | – |" in text  # the average over concepts
     assert len(csv_rows(records, (EXPLICIT,))[0]) == 6 + 2 * 3  # a declaration fewer: its columns are gone
+
+
+def test_chosen_plan_makes_test_images_only_at_chosen_points_and_the_report_copes(fake, tmp_path):
+    from coerasing.compare import report
+
+    class Full(FakeProtocol):  # every group with its counts, as the toy world's metrics
+        def evaluate(self, runtime, concept, split):
+            result = super().evaluate(runtime, concept, split)
+            m = result["metrics"]
+            for group in ("explicit", "unrelated"):
+                m[group] = {"k": 1, "n": 2, **m[group]}
+            m["implicit"] = m["explicit"]
+            return result
+
+    protocol = fake(Full())
+    presets = {"rule": {"max_usability_drop": 0.05}, "test_evaluation": "chosen"}
+    record = runner.run_job(_config(tmp_path), presets, "circle", 0, ["a"], "cpu")
+    tests = sorted(strength for strength, split in protocol.calls if split == "test")
+    assert tests == [0.0, 2.0]  # the base model and the chosen checkpoint (s2), not s1, s3, s4
+    assert sum(split == "validation" for _, split in protocol.calls) == 5
+    points = record["methods"]["a"]["points"]
+    assert [p["label"] for p in points if "test" in p] == ["s2"] == [record["methods"]["a"]["chosen"]["label"]]
+    rows = report.csv_rows([record], protocol.metrics)
+    assert [r["test_explicit_rate"] is None for r in rows] == [False, True, False, True, True]
+    assert report._curve_split([record], ["a"]) == "validation"
+    report.plot_concept([record], ["a"], "circle", tmp_path / "plot.png", protocol.metrics)
+    assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_a_bad_test_evaluation_is_an_error(tmp_path):
+    from coerasing.errors import CoErasingError
+
+    presets = tmp_path / "presets.yaml"
+    presets.write_text(BLOCKS + "rule: {}\ntest_evaluation: some\n")
+    with pytest.raises(CoErasingError, match="test_evaluation"):
+        CompareConfig(output_dir=str(tmp_path / "out"), presets=str(presets)).validate()
+
+
+def test_seed_free_images_are_made_once_for_every_seed(fake, tmp_path, monkeypatch):
+    """The base model and a checkpoint without a training seed are evaluated once over two seeds."""
+    protocol = fake(FakeProtocol())
+
+    class SeedFree(FakeMethod):  # like GIE: the same artifact whatever the seed
+        def trace(self, context):
+            path = context.run_folder("fake", {"method": self.name}) / "point5.bin"
+            path.write_text(f"{self.name} 5")
+            return [CurvePoint("s5", 5.0, path)]
+
+    class Seeded(FakeMethod):  # like ESD: a training run per seed
+        def trace(self, context):
+            path = context.run_folder("fake", {"method": self.name, "seed": context.seed}) / "point1.bin"
+            path.write_text(f"{self.name}-{context.seed} 1")
+            return [CurvePoint("s1", 1.0, path)]
+
+    monkeypatch.setattr(runner, "get_method", lambda name: SeedFree(name, []) if name == "free" else Seeded(name, []))
+    for seed in (0, 1):
+        runner.run_job(_config(tmp_path), {}, "circle", seed, ["free", "seeded"], "cpu")
+    counts = {strength: sum(s == strength for s, _ in protocol.calls) for strength in (0.0, 5.0, 1.0)}
+    assert counts == {0.0: 2, 5.0: 2, 1.0: 4}  # two splits each; the seeded checkpoint once per seed
+
+
+def test_jobs_split_over_two_ranks_and_rank_zero_writes_the_results(fake, tmp_path, monkeypatch):
+    """``accelerate launch``/``torchrun``: RANK/WORLD_SIZE split the jobs; rank 0 waits and reports."""
+    import coerasing.compare as compare
+
+    fake(FakeProtocol())
+    ran: list[tuple[str, int, int]] = []
+    real_run_job = runner.run_job
+    rank = {"now": -1}
+
+    def counted(config, presets, concept, seed, methods, device, progress=None):
+        # inside a job the launcher's variables are hidden: generate_images must not shard a job's images
+        assert "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
+        ran.append((concept, seed, rank["now"]))
+        return real_run_job(config, presets, concept, seed, methods, device, progress)
+
+    written = {}
+    monkeypatch.setattr(runner, "run_job", counted)
+    monkeypatch.setattr(compare, "write_results", lambda folder, records, methods, info, metrics: written.update(
+        records=records) or {"md": tmp_path / "results.md"})
+    presets = tmp_path / "presets.yaml"
+    presets.write_text(BLOCKS + "rule: {max_usability_drop: 0.05}\n")
+    config = CompareConfig(output_dir=str(tmp_path / "out"), presets=str(presets), concepts="circle,square",
+                           methods="esd", seeds="0,1", skip_attack=True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    rank["now"] = 1
+    assert compare.run_comparison(config) is None  # rank 1 runs its share and leaves the report to rank 0
+    assert os.environ["RANK"] == "1"  # and its environment is back
+    monkeypatch.setenv("RANK", "0")
+    rank["now"] = 0
+    assert compare.run_comparison(config) is not None
+    jobs = [("circle", 0), ("square", 0), ("circle", 1), ("square", 1)]
+    assert sorted(ran) == sorted((c, s, i % 2) for i, (c, s) in enumerate(jobs))  # each job once, by its rank
+    assert len(written["records"]) == 4
+    assert {r["timing"]["process"] for r in written["records"]} == {"1/2", "2/2"}
+
+
+def test_gie_checkpoints_and_their_evaluation_keys_hold_no_training_seed(tmp_path):
+    """GIE trains nothing: both seeds get the same artifacts, so their evaluations share one cache entry."""
+    from coerasing.methods import get_method
+
+    cache, protocol, presets = Cache(tmp_path), FakeProtocol(), {"gie": {"w": [-4.0, -8.0]}}
+    identities = []
+    for seed in (0, 1):
+        points = get_method("gie").trace(runner.Context(cache, protocol, presets, "circle", seed, "cpu"))
+        identities.append([(p.label, p.artifact, runner.artifact_identity(p)) for p in points])
+    assert identities[0] == identities[1] and len(identities[0]) == 2
