@@ -36,8 +36,11 @@ def test_quick_comparison_writes_every_output_and_resumes_only_what_is_missing(t
     # test images only at the base model and the chosen checkpoints (the presets' test_evaluation: chosen)
     assert all(r["test_explicit_n"] == ("8" if r["chosen"] == "True" else "") for r in rows)
     results = json.loads((out / "results.json").read_text())
-    attack = results["summary"]["per_concept"]["circle"]["coerasing"]["asr"]
-    assert attack["n"] == 1 and 0 <= attack["mean"] <= 1
+    cell = results["summary"]["per_concept"]["circle"]["coerasing"]
+    attack = cell["with_fallback"]["asr"]  # every cell, whether or not its point is the rule's fallback
+    assert attack["n"] == 1 and 0 <= attack["mean"] <= 1 and cell["cells"] == 1
+    assert ("asr" in cell) == (cell["fallback"] == 0)  # the headline holds only cells with a point in budget
+    assert results["verdicts"]["reference"] == "coerasing" and "esd" in results["verdicts"]["against"]
     assert "| coerasing |" in (out / "results.md").read_text()
 
     # a rerun trains and evaluates nothing; after losing one evaluation and the job, only those are redone
