@@ -79,6 +79,27 @@ def _require(condition: bool, message: str) -> None:
 
 
 WHAT, MODELS, IMAGE, OUTPUTS = "what to erase", "models and devices", "stage 2 (image)", "outputs"
+PRESERVE = "preservation (an option of ours, off by default)"
+#: The shipped anchor captions (``--preserve_prompts everyday``): plain scenes written for this project.
+EVERYDAY_CAPTIONS = Path(__file__).resolve().parent / "assets" / "anchors" / "everyday_captions.txt"
+
+
+def read_prompt_list(spec: str, flag: str) -> list[str]:
+    """Prompts from a text file (one a line; blank lines and ``#`` comments skipped), ``everyday`` (the
+    shipped captions) or a comma-separated list."""
+    path = EVERYDAY_CAPTIONS if spec == "everyday" else Path(spec).expanduser()
+    if path.is_file():
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CoErasingError(f"{flag} {spec} cannot be read as text ({exc}).") from exc
+        prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    else:
+        prompts = [item.strip() for item in spec.split(",") if item.strip()]
+    if not prompts:
+        raise CoErasingError(f"{flag} {spec!r} holds no prompt; pass a text file with one prompt a line, "
+                             "'everyday' for the shipped captions, or a comma-separated list.")
+    return prompts
 
 
 @dataclass
@@ -140,6 +161,12 @@ class EraseConfig:
                              help="contrastive: average all pairs instead of random pairs per iteration")
     contrastive_size: int = flag(1, group=IMAGE, min=1, max=1_000_000, resume=True,
                                  help="contrastive: random pairs averaged per iteration")
+    preserve_prompts: str | None = flag(None, group=PRESERVE, resume=True,
+                                        help="anchor prompts whose predictions training keeps: a text file (one a "
+                                        "line), 'everyday' (shipped captions) or a comma list")
+    preserve_weight: float = flag(0.0, group=PRESERVE, min=0, max=1e4, resume=True,
+                                  help="λ of the anchor-preservation term (docs/method.md Eq. 9); 0: off, the "
+                                  "paper's method")
     output_dir: str = flag("checkpoints", group=OUTPUTS, output=True, help="root of the default checkpoint folders")
     save_path: str | None = flag(None, group=OUTPUTS, output=True,
                                  help="checkpoint folder (overrides the default layout)")
@@ -184,9 +211,21 @@ class EraseConfig:
                 "image) and --contrastive_image (a folder of positive/negative pair folders).",
             )
             _require(self.text_guide is None or bool(self.text_guide.strip()), "--text_guide is empty.")
+        _require(self.preserve_weight == 0 or self.preserve_prompts is not None,
+                 f"--preserve_weight {self.preserve_weight} needs --preserve_prompts (a file of anchor prompts, "
+                 "'everyday', or a comma list).")
+        if self.preserve_weight > 0:
+            self.preserve_list  # noqa: B018 - raises for an empty or unreadable list
         check_output_fields(self)
         self.run_folder()  # noqa: B018 - raises for prompts that give no folder name
         return self
+
+    @property
+    def preserve_list(self) -> list[str]:
+        """The anchor prompts of the preservation term (empty when it is off)."""
+        if self.preserve_weight == 0 or self.preserve_prompts is None:
+            return []
+        return read_prompt_list(self.preserve_prompts, "--preserve_prompts")
 
     def run_folder(self) -> Path:
         """Where checkpoints go: ``--save_path`` or the released code's default layout."""

@@ -5,6 +5,7 @@
 - :func:`refine_image_tokens`: text-guided image concept refinement (Eq. 5).
 - :func:`perturb_image_tokens`: optional uniform noise on the image tokens (Eq. 6).
 - :func:`blur_latents`: optional Gaussian blur of the partially denoised latent (Eq. 7).
+- :func:`preservation_loss`: the optional anchor-preservation term (Eq. 9; not in the paper).
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ def negative_guidance_target(
 def erasing_loss(noise_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``MSE(ε_θ(z, t, c), target)`` (docs/method.md Eq. 4), computed in fp32."""
     return F.mse_loss(noise_pred.float(), target.float())
+
+
+def preservation_loss(noise_pred: torch.Tensor, reference_pred: torch.Tensor) -> torch.Tensor:
+    """``‖ε_θ(z, t, c_a) − ε_ref(z, t, c_a)‖²`` (mean over elements) for an anchor prompt ``c_a``
+    (docs/method.md Eq. 9, an option of ours: off by default), computed in fp32."""
+    return F.mse_loss(noise_pred.float(), reference_pred.float())
 
 
 def refine_image_tokens(image_tokens: torch.Tensor, text_states: torch.Tensor) -> torch.Tensor:

@@ -65,6 +65,7 @@ from .objectives import (
     erasing_loss,
     negative_guidance_target,
     perturb_image_tokens,
+    preservation_loss,
     refine_image_tokens,
 )
 from .params import select_parameter_names, select_parameters
@@ -72,6 +73,8 @@ from .sampling import denoise_to_bucket, make_sampling_scheduler, sample_bucket
 
 logger = logging.getLogger(__name__)
 
+#: The anchor stream's seed is ``--seed`` plus this (a stream apart from the erasing draws).
+ANCHOR_SEED_OFFSET = 1_000_003
 #: Files of a run folder; a folder holding any of them holds a run (see :func:`check_run_folder`).
 RUN_FILES = ("run.json", ckpt.TRAIN_STATE, "unet.pth", "loss.csv")
 
@@ -303,6 +306,11 @@ class Eraser:
         text = models.text
         self.prompt_states = [text.encode(prompt) for prompt in config.prompts]
         self.uncond_states = text.encode("")
+        # The anchor-preservation term (Eq. 9, off by default): its prompts and its own random stream, so
+        # that the erasing draws are the same with and without it.
+        self.preserve_states = [text.encode(prompt) for prompt in config.preserve_list]
+        self.anchor_generator = torch.Generator().manual_seed(config.seed + ANCHOR_SEED_OFFSET) \
+            if self.preserve_states else None
         self.image_tokens: ConceptImageTokens | None = None
         if config.image_stage:
             ip_state = load_ip_adapter_state_dict(str(ip_adapter_file))
@@ -420,11 +428,29 @@ class Eraser:
                 prompt_states.to(models.train_device, torch.float32), image_tokens, models.train_handle,
             )
 
+    @torch.inference_mode()
+    def anchor_reference(self, latents: torch.Tensor, t: int, anchor_states: torch.Tensor) -> torch.Tensor:
+        """The frozen model's text-only ``ε_ref(z, t, c_a)`` for an anchor prompt (Eq. 9), in fp32."""
+        models = self.models
+        z = latents.to(models.frozen_device, models.frozen_dtype)
+        states = anchor_states.to(models.frozen_device, models.frozen_dtype)
+        return unet_noise_pred(self.frozen_unet, z, torch.tensor([t], device=models.frozen_device), states).float()
+
+    def preservation(self, latents: torch.Tensor, t: int) -> torch.Tensor:
+        """``‖ε_θ(z, t, c_a) − ε_ref(z, t, c_a)‖²`` for one anchor drawn from its own stream, on the
+        iteration's partial latent, both text-only (no image tokens) (docs/method.md Eq. 9)."""
+        anchor = self.preserve_states[_randint(len(self.preserve_states), self.anchor_generator)]
+        reference = self.anchor_reference(latents, t, anchor)
+        noise_pred = self.trained_prediction(latents, t, anchor, None)
+        self.last.update(anchor_pred=noise_pred.detach(), anchor_reference=reference)
+        return preservation_loss(noise_pred, reference.clone().to(self.models.train_device))
+
     def step(self, bucket: tuple[int, int] | None = None) -> tuple[torch.Tensor, int, int]:
         """One erasing iteration; returns (loss, bucket k, timestep t) before the optimizer step.
 
         ``bucket`` forces (k, t) instead of drawing them (benchmarks use it to give every loop the
-        same work); training never passes it.
+        same work); training never passes it. With ``--preserve_weight`` λ > 0 the loss adds λ times
+        the anchor-preservation term (Eq. 9).
         """
         prompt_states, image_tokens = self.sample_conditioning()
         k, t, latents = self.partial_latents(prompt_states, bucket)
@@ -432,7 +458,10 @@ class Eraser:
         noise_pred = self.trained_prediction(latents, t, prompt_states, image_tokens)
         self.last.update(prompt_states=prompt_states, image_tokens=image_tokens, latents=latents,
                          noise_pred=noise_pred.detach(), target=target)
-        return erasing_loss(noise_pred, target.clone().to(self.models.train_device)), k, t
+        loss = erasing_loss(noise_pred, target.clone().to(self.models.train_device))
+        if self.preserve_states:
+            loss = loss + self.config.preserve_weight * self.preservation(latents, t)
+        return loss, k, t
 
     def backward(self, loss: torch.Tensor) -> None:
         """``loss.backward()``; with gradient checkpointing, inside the image branch.
@@ -458,6 +487,7 @@ class Eraser:
             "iteration": iteration,
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
+            **({"anchor_generator": self.anchor_generator.get_state()} if self.anchor_generator else {}),
             "torch_rng": torch.get_rng_state(),
             "config": resume_settings(self.config),
         }
@@ -502,6 +532,8 @@ class Eraser:
         load_unet_checkpoint_into(self.models.trainable, self.folder / f"unet_{iteration}.pth", "--resume checkpoint")
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
+        if self.anchor_generator is not None and "anchor_generator" in state:
+            self.anchor_generator.set_state(state["anchor_generator"])
         torch.set_rng_state(state["torch_rng"])
         if self._weights_finite():
             self.saved.append(iteration)

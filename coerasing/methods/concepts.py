@@ -46,6 +46,13 @@ def toy_training_captions() -> dict[str, Labels]:
     return dict(_toy_data()[1])
 
 
+def toy_anchor_prompts(concept: str) -> list[str]:
+    """Anchors of the preservation term for erasing a toy shape: the *training* captions of the other shapes
+    and of plain scenes (no shape), never a held-out caption, none that implies ``concept`` (sorted)."""
+    return sorted(text for text, (shape, _, _) in toy_training_captions().items()
+                  if shape != concept and concept not in text)
+
+
 def concept_kind(concept: str) -> str:
     """``explicit`` (nudity words), ``artist`` (known artists), ``toy`` (the toy world's shapes) or ``object``.
 
