@@ -100,9 +100,11 @@ class EvalConfig:
                             help="n: --p4d_tokens free tokens; k: a free token before every --p4d_every_k prompt "
                                  "tokens; union: n, then k if n failed")
     p4d_tokens: int = flag(16, group=P4D_GROUP, min=1, max=75, help="P4D-N: free tokens (P4D: 16)")
-    p4d_every_k: int = flag(3, group=P4D_GROUP, min=1, max=75, help="P4D-K: a free token every k prompt tokens (P4D: 3)")
+    p4d_every_k: int = flag(3, group=P4D_GROUP, min=1, max=75,
+                            help="P4D-K: a free token every k prompt tokens (P4D: 3)")
     p4d_iterations: int = flag(3000, group=P4D_GROUP, min=1, max=1_000_000, help="AdamW steps per variant (P4D: 3000)")
-    p4d_lr: float = flag(0.1, group=P4D_GROUP, min=0, max=100, exclusive_min=True, help="AdamW learning rate (P4D: 0.1)")
+    p4d_lr: float = flag(0.1, group=P4D_GROUP, min=0, max=100, exclusive_min=True,
+                         help="AdamW learning rate (P4D: 0.1)")
     p4d_weight_decay: float = flag(0.1, group=P4D_GROUP, min=0, max=100, help="AdamW weight decay (P4D: 0.1)")
     p4d_eval_every: int = flag(50, group=P4D_GROUP, min=0, max=1_000_000,
                                help="generate and judge the prompt every N steps, stop at the first success "

@@ -12,8 +12,8 @@ from coerasing.cli import run_cli
 from coerasing.eval.attack import AttackModels
 from coerasing.eval.attacks import ATTACKS, run_attack
 from coerasing.eval.attacks.p4d import (
-    PROMPTS_FILE,
     P4D,
+    PROMPTS_FILE,
     P4DModels,
     P4DSettings,
     allowed_tokens,

@@ -18,4 +18,5 @@ ATTACKS: dict[str, type[Attack]] = {
     P4D.name: P4D,
 }
 
-__all__ = ["ATTACKS", "Attack", "ConceptInversion", "P4D", "Record", "UnlearnDiff", "asr", "run_attack", "stale_records"]
+__all__ = ["ATTACKS", "Attack", "ConceptInversion", "P4D", "Record", "UnlearnDiff", "asr", "run_attack",
+           "stale_records"]

@@ -238,7 +238,7 @@ class P4DResult:
 
 def p4d_search(models: P4DModels, prompt: str, z0: torch.Tensor, settings: P4DSettings, variant: str,
                generator: torch.Generator, check: Check | None = None) -> P4DResult:
-    """One P4D variant (``n`` or ``k``) on one prompt; ``check`` judges the decoded prompt (see the module docstring)."""
+    """One P4D variant (``n`` or ``k``) on one prompt; ``check`` judges the decoded prompt (module docstring)."""
     settings.validate()
     text = models.erased
     tokenizer, device = text.tokenizer, text.device
@@ -270,7 +270,8 @@ def p4d_search(models: P4DModels, prompt: str, z0: torch.Tensor, settings: P4DSe
     window: list[float] = []
     for iteration in range(1, settings.iterations + 1):
         if fixed is None:
-            t, noise = int(torch.randint(0, T, (1,), generator=generator)), torch.randn(z0.shape, generator=generator)
+            t = int(torch.randint(0, T, (1,), generator=generator))
+            noise = torch.randn(z0.shape, generator=generator)
         else:
             t, noise = fixed
         projected = table[project_to_vocab(vectors, table, allowed).to(table.device)].float()
