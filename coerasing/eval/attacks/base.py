@@ -7,6 +7,8 @@ An attack (:class:`Attack`) is one class:
   learn a word, …); it is not called when every prompt already has a current record;
 - :meth:`Attack.attack_one`: one prompt row → one record (``{"case", "success", …}``);
   :meth:`Attack.attack_batch` may attack several rows at once (``batch_size``).
+- :meth:`Attack.finish` (optional): after the loop, a summary of every current record (P4D's
+  replayable prompt file).
 
 :func:`run_attack` is the loop every caller uses (``evaluate.py``, the toy world's and the real
 protocol's comparison): one JSON record per case in an output folder, written atomically as soon
