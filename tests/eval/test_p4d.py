@@ -157,3 +157,34 @@ def test_evaluate_attack_method_p4d(tiny_stack, tiny_classifier, rows_csv, tmp_p
         assert record["variant"] == "n" and len(record["losses"]) == 3 and len(record["token_ids"]) == 3
     if attacked:
         assert len(load_prompts(str(out / "attack" / PROMPTS_FILE))) == len(attacked)
+
+
+@pytest.mark.slow
+def test_the_loss_falls_on_a_stage1_toy_model(tmp_path):
+    """The real objective (a fresh t and noise every step) on the shipped toy world erased for 40 iterations."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from coerasing.eval.attack import reference_latent
+    from coerasing.toy import TOY_MODEL_DIR
+
+    from ..conftest import REPO_ROOT
+
+    result = subprocess.run([sys.executable, "erase_pipeline.py", "--config", "configs/toy/circle_text.yaml",
+                             "--iterations", "40", "--save_iter", "40", "--save_path", str(tmp_path / "stage1"),
+                             "--devices", "cpu"], cwd=REPO_ROOT, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    cpu, toy, prompt = torch.device("cpu"), str(TOY_MODEL_DIR), "a drawing of a red circle"
+    base = load_runtime(toy, None, cpu, torch.float32)
+    z0 = reference_latent(base.pipe.vae, base.render([0], 3.0, 32, 32, 25, prompts=[prompt])[0], 32, 32)
+    erased = load_runtime(toy, str(tmp_path / "stage1" / "unet.pth"), cpu, torch.float32)
+    models = P4DModels(AttackModels.from_runtime(erased), load_unet(toy, cpu).requires_grad_(False))
+    found = p4d_search(models, prompt, z0, P4DSettings(iterations=100, eval_every=0), "n",
+                       torch.Generator().manual_seed(0))
+    losses = np.array(found.losses)
+    assert losses[50:].mean() < losses[:25].mean()
+    assert len(found.token_ids) == 16 and found.attack_prompt.strip()
