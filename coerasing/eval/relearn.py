@@ -178,7 +178,10 @@ def relearn_checkpoints(runtime: Runtime, data: ConceptImages, settings: Relearn
     size = int(unet.config.sample_size) * vae_scale
     cache = LatentCache(vae, data.images, size)
     scaling = float(vae.config.scaling_factor)
-    last = max(k for k in settings.steps if until is None or k <= until) if until is not None else max(settings.steps)
+    wanted = [k for k in settings.steps if until is None or k <= until]
+    if not wanted:
+        return
+    last = max(wanted)
     generator = torch.Generator("cpu").manual_seed(int(settings.seed))
     T = int(schedule.config.num_train_timesteps)
     order: list[int] = []
