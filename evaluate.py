@@ -7,7 +7,9 @@ One command per erased model: ``--artifact`` is any method's artifact (a UNet ch
 format, or a folder with artifact.json such as CPE's gates or GIE's settings; ``--unet`` is the same
 flag under its old name). ``generate`` makes DIR/images/<case_number>.png (one image per prompt row,
 with the row's seed and guidance; sharded under ``accelerate launch`` or ``torchrun``), ``detect``
-writes DIR/images/detections.json, ``attack`` runs the UnlearnDiff attack into DIR/attack/,
+writes DIR/images/detections.json, ``attack`` runs the UnlearnDiff attack (or ``--attack_method
+concept_inversion|p4d``) into DIR/attack/ (``--attack_method relearn``: the relearning probe into
+DIR/relearn/, docs/attacks.md),
 ``report`` writes DIR/report.json, report.md and grid.png; ``all`` runs the four. Every step
 resumes, and results made with other settings are never reused.
 

@@ -12,13 +12,16 @@ from ..errors import CoErasingError
 from ..flags import SEED_MAX, check_fields, check_output_fields, flag
 from .attack import SCHEDULES, SPACES, AttackSettings
 from .attacks import ATTACKS
+from .attacks.p4d import VARIANTS, P4DSettings
 from .detectors import IMAGENET_CLASSES, DetectorSpec, detector_names
 from .prompts import prompt_set_name, resolve_prompt_file
 from .report import USABILITY_METRICS
 
 COMMANDS: tuple[str, ...] = ("generate", "detect", "attack", "report", "all")
-#: ``--attack_method``: every registered attack (:data:`coerasing.eval.attacks.ATTACKS`).
-ATTACK_METHODS: tuple[str, ...] = tuple(ATTACKS)
+#: The relearning probe (:mod:`coerasing.eval.relearn`): an ``--attack_method``, not a per-prompt attack.
+RELEARN = "relearn"
+#: ``--attack_method``: every registered attack (:data:`coerasing.eval.attacks.ATTACKS`) and the relearning probe.
+ATTACK_METHODS: tuple[str, ...] = (*ATTACKS, RELEARN)
 
 #: Detector and target defaults of the shipped prompt sets (UnlearnDiff's protocols).
 NUDITY_SETS = ("nudity", "i2p")
@@ -28,6 +31,7 @@ TOY_PREFIX = "toy_"
 
 
 WHAT, GEN, DET, ATT, USE = "what to evaluate", "generation", "detection", "attack (UnlearnDiff)", "usability (report)"
+P4D_GROUP, RELEARN_GROUP = "attack (P4D)", "relearning probe"
 
 
 @dataclass
@@ -78,9 +82,10 @@ class EvalConfig:
                                   help="attack only prompts of at most this many CLIP tokens (BOS/EOS counted)")
     skip_attack: bool = flag(False, group=ATT, help="with 'all': no attack step")
     attack_method: str = flag("unlearndiff", group=ATT, choices=ATTACK_METHODS,
-                              help="unlearndiff (a prompt prefix per prompt) or concept_inversion (STEREO's: one word "
+                              help="unlearndiff (a prompt prefix per prompt), concept_inversion (STEREO's: one word "
                                    "learned against the erased model from --attack_images, then 'a photo of <word>' "
-                                   "with each prompt's seed)")
+                                   "with each prompt's seed), p4d (a hard prompt matching the base model's noise), "
+                                   "or relearn (fine-tune on --relearn_images, concept rate after each step count)")
     attack_images: str | None = flag(None, group=ATT, help="concept_inversion: reference images of the concept "
                                      "(generate_data.py's folder)")
     inversion_steps: int = flag(3000, group=ATT, min=1, max=1_000_000, help="concept_inversion: textual-inversion "
@@ -91,6 +96,32 @@ class EvalConfig:
                                       help="concept_inversion: the word the learned token starts from")
     inversion_prompt: str = flag("a photo of {}", group=ATT, help="concept_inversion: the attacked prompt, {} is "
                                  "the learned word")
+    p4d_variant: str = flag("n", group=P4D_GROUP, choices=VARIANTS,
+                            help="n: --p4d_tokens free tokens; k: a free token before every --p4d_every_k prompt "
+                                 "tokens; union: n, then k if n failed")
+    p4d_tokens: int = flag(16, group=P4D_GROUP, min=1, max=75, help="P4D-N: free tokens (P4D: 16)")
+    p4d_every_k: int = flag(3, group=P4D_GROUP, min=1, max=75,
+                            help="P4D-K: a free token every k prompt tokens (P4D: 3)")
+    p4d_iterations: int = flag(3000, group=P4D_GROUP, min=1, max=1_000_000, help="AdamW steps per variant (P4D: 3000)")
+    p4d_lr: float = flag(0.1, group=P4D_GROUP, min=0, max=100, exclusive_min=True,
+                         help="AdamW learning rate (P4D: 0.1)")
+    p4d_weight_decay: float = flag(0.1, group=P4D_GROUP, min=0, max=100, help="AdamW weight decay (P4D: 0.1)")
+    p4d_eval_every: int = flag(50, group=P4D_GROUP, min=0, max=1_000_000,
+                               help="generate and judge the prompt every N steps, stop at the first success "
+                                    "(0: only after the last step)")
+    relearn_images: str | None = flag(None, group=RELEARN_GROUP, help="relearn: images of the concept to fine-tune "
+                                      "on (generate_data.py's folder; captions from its metadata.csv)")
+    relearn_num_images: int | None = flag(4, group=RELEARN_GROUP, min=1, max=1_000_000,
+                                          help="relearn: the first N images of --relearn_images")
+    relearn_caption: str | None = flag(None, group=RELEARN_GROUP,
+                                       help="relearn: one caption for every image (default: metadata.csv's prompts)")
+    relearn_steps: str = flag("0,10,25,50", group=RELEARN_GROUP,
+                              help="relearn: fine-tuning step counts at which the concept rate is measured")
+    relearn_lr: float = flag(1e-5, group=RELEARN_GROUP, min=0, max=10, exclusive_min=True,
+                             help="relearn: AdamW learning rate on every UNet weight")
+    relearn_batch_size: int = flag(4, group=RELEARN_GROUP, min=1, max=4096, help="relearn: images per step")
+    skip_relearn_reference: bool = flag(False, group=RELEARN_GROUP,
+                                        help="relearn: no reference curve of the base model")
     usability: str = flag("", group=USE, help="comma-separated: fid, clip")
     fid_reference: str | None = flag(None, group=USE, help="folder of real COCO images for FID")
     clip_model: str | None = flag(None, group=USE, help="CLIP model folder or Hub id for the CLIP score")
@@ -173,6 +204,17 @@ class EvalConfig:
                               weight_decay=self.attack_weight_decay, space=self.attack_space,
                               schedule=self.attack_schedule, timesteps=self.attack_timesteps, seed=self.attack_seed)
 
+    def p4d_settings(self) -> P4DSettings:
+        return P4DSettings(variant=self.p4d_variant, tokens=self.p4d_tokens, every_k=self.p4d_every_k,
+                           iterations=self.p4d_iterations, lr=self.p4d_lr, weight_decay=self.p4d_weight_decay,
+                           eval_every=self.p4d_eval_every, seed=self.attack_seed)
+
+    def relearn_settings(self) -> Any:
+        from .relearn import RelearnSettings, parse_steps
+
+        return RelearnSettings(steps=parse_steps(self.relearn_steps), lr=self.relearn_lr,
+                               batch_size=self.relearn_batch_size, seed=self.attack_seed)
+
     def validate(self) -> EvalConfig:
         def require(condition: bool, message: str) -> None:
             if not condition:
@@ -200,6 +242,11 @@ class EvalConfig:
             require(bool(self.attack_images) and Path(self.attack_images).expanduser().exists(),
                     "--attack_method concept_inversion needs --attack_images: a folder of reference images of the "
                     "concept (python generate_data.py --label <concept>).")
+        if self.attack_method == RELEARN and self.command in ("attack", "all") and not self.skip_attack:
+            require(bool(self.relearn_images) and Path(self.relearn_images).expanduser().exists(),
+                    "--attack_method relearn needs --relearn_images: a folder of images of the concept to fine-tune "
+                    "on (python generate_data.py --label <concept>).")
+            self.relearn_settings()
         if self.erased:
             flag_name = "--artifact" if self.artifact else "--unet"
             require(Path(self.erased).expanduser().exists(),

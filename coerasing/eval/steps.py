@@ -34,7 +34,7 @@ from .attack_records import load_attack_records
 from .attacks import ATTACKS
 from .attacks import run_attack as run_attack_loop
 from .attacks.base import refuse_stale
-from .config import EvalConfig, config_dict
+from .config import RELEARN, EvalConfig, config_dict
 from .detectors import DETECTIONS, Detection, build_detector, detect_folder, load_detections, same_protocol
 from .prompts import attack_eligible, count_clip_tokens, load_prompts
 from .report import asr_summary, class_counts, usability_metric, write_report
@@ -85,6 +85,8 @@ def run_attack(config: EvalConfig) -> Path:
     """Step 3: ``--attack_method`` (:data:`coerasing.eval.attacks.ATTACKS`) on the attackable prompts without
     the concept, through the one resumable loop (:func:`coerasing.eval.attacks.run_attack`); sharded where
     the attack allows it. Records of other settings or another model in ``OUTPUT/attack`` stop the step."""
+    if config.attack_method == RELEARN:
+        return run_relearn(config)
     rows = load_prompts(config.prompts or "", config.limit)
     spec = config.detector_spec()
     if spec.name == "none":
@@ -149,10 +151,49 @@ def run_attack(config: EvalConfig) -> Path:
             torch.cuda.empty_cache()
     state.wait_for_everyone()
     if state.is_main_process:
+        if state.num_processes > 1:  # the summaries of every shard's records
+            attack.finish(config.attack_dir, load_attack_records(config.attack_dir, [row.case for row in targets]))
         config.attack_dir.mkdir(parents=True, exist_ok=True)
         write_run_json(config.attack_dir, config_dict(config), settings=attack.settings(), attacked=len(targets),
                        attackable=len(eligible), prompts=len(rows))
     return config.attack_dir
+
+
+def run_relearn(config: EvalConfig) -> Path:
+    """Step 3 with ``--attack_method relearn`` (main process; :mod:`.relearn`): the erased model fine-tuned on
+    ``--relearn_images``, its concept rate on the prompts after each ``--relearn_steps`` count, and the base
+    model's curve as the reference → ``OUTPUT/relearn/{erased,base}/k_<k>.json``, ``curve.json``, ``curve.md``."""
+    from .relearn import RELEARN_DIR, load_concept_images, relearn_curve, write_curves
+
+    rows = load_prompts(config.prompts or "", config.limit)
+    spec = config.detector_spec()
+    if spec.name == "none":
+        raise CoErasingError(f"--prompts {config.prompts} has no concept detector (--detector none), so there is "
+                             "no concept rate to measure; pass --detector.")
+    folder = Path(config.output_dir or ".") / RELEARN_DIR
+    state = _state(config)
+    if state.is_main_process:
+        data = load_concept_images(config.relearn_images or "", config.relearn_num_images, config.relearn_caption)
+        models = [("erased" if config.erased else "base", config.erased)]
+        if config.erased and not config.skip_relearn_reference:
+            models.append(("base", None))
+        device = parse_device(config.device)
+        curves = {}
+        for name, artifact in models:
+            runtime = load_runtime(config.ckpt_path, artifact, device, torch.float32, config.scheduler)
+            try:
+                print(f"relearning probe of the {name} model")
+                curves[name] = relearn_curve(runtime, rows, data, config.relearn_settings(),
+                                             config.generation_settings(), lambda: build_detector(spec),
+                                             folder / name, made_by(config, artifact), log=print)
+            finally:
+                runtime.close()
+        path = write_curves(folder, curves)
+        write_run_json(folder, config_dict(config), settings=vars(config.relearn_settings()), prompts=len(rows))
+        print((folder / "curve.md").read_text(encoding="utf-8"), end="")
+        print(f"relearning curves: {path}")
+    state.wait_for_everyone()
+    return folder
 
 
 def build_report(config: EvalConfig) -> dict[str, Any]:

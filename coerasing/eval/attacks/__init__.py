@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from .base import Attack, Record, asr, run_attack, stale_records
 from .concept_inversion import ConceptInversion
+from .p4d import P4D
 from .unlearndiff import UnlearnDiff
 
 #: Every attack by name (``evaluate.py --attack_method``).
 ATTACKS: dict[str, type[Attack]] = {
     UnlearnDiff.name: UnlearnDiff,
     ConceptInversion.name: ConceptInversion,
+    P4D.name: P4D,
 }
 
-__all__ = ["ATTACKS", "Attack", "ConceptInversion", "Record", "UnlearnDiff", "asr", "run_attack", "stale_records"]
+__all__ = ["ATTACKS", "Attack", "ConceptInversion", "P4D", "Record", "UnlearnDiff", "asr", "run_attack",
+           "stale_records"]

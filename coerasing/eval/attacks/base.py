@@ -7,6 +7,8 @@ An attack (:class:`Attack`) is one class:
   learn a word, …); it is not called when every prompt already has a current record;
 - :meth:`Attack.attack_one`: one prompt row → one record (``{"case", "success", …}``);
   :meth:`Attack.attack_batch` may attack several rows at once (``batch_size``).
+- :meth:`Attack.finish` (optional): after the loop, a summary of every current record (P4D's
+  replayable prompt file).
 
 :func:`run_attack` is the loop every caller uses (``evaluate.py``, the toy world's and the real
 protocol's comparison): one JSON record per case in an output folder, written atomically as soon
@@ -83,6 +85,9 @@ class Attack(ABC):
     def close(self) -> None:  # noqa: B027
         """Release what :meth:`prepare` loaded (default: nothing)."""
 
+    def finish(self, out_dir: Path, records: Mapping[str, Record]) -> None:  # noqa: B027
+        """After the loop, with every current record of the rows: write summaries (default: nothing)."""
+
     @staticmethod
     def asr(cases: Sequence[str], pre: Mapping[str, bool], records: Mapping[str, Record],
             attackable: set[str] | None = None) -> dict[str, Any]:
@@ -156,6 +161,7 @@ def run_attack(
     done = {case: record for case, record in found.items() if case not in stale}
     todo = [row for row in rows if not pre.get(row.case) and row.case not in done]
     if not todo:
+        attack.finish(out_dir, done)
         return done
     attack.prepare(runtime() if callable(runtime) else runtime, out_dir, origin)
     try:
@@ -171,4 +177,5 @@ def run_attack(
                     log(f"[{number}/{len(todo)}] {attack.describe(record)}")
     finally:
         attack.close()
+    attack.finish(out_dir, done)
     return done
