@@ -117,7 +117,8 @@ def locked(path: Path, poll: float = 1.0) -> Iterator[None]:
 
 #: Settings that hold a location: a relative value that exists is a path (``x``, ``./x``: one setting).
 PATH_KEYS = frozenset({"ckpt_path", "model", "image", "unet_ckpt_path", "ip_adapter", "image_encoder_path",
-                       "contrastive_image", "classifier", "clip_model", "nudenet_weights", "anchors", "artifact"})
+                       "contrastive_image", "classifier", "clip_model", "nudenet_weights", "anchors", "artifact",
+                       "preserve_prompts"})
 
 
 def _looks_like_path(text: str, key: str | None) -> bool:

@@ -153,6 +153,8 @@ def block_schemas(toy: bool) -> dict[str, Schema]:
         "references": flag_schema(GenerateConfig),
         "evaluation": _evaluation_schema(toy),
         "attack": _attack_schema(),
+        "preserve": {"weight": Key(float, low=0, high=1e4, hint=" (λ of coerasing-preserve's stage 2)"),
+                     "prompts": Key(str)},
         "rule": {"max_usability_drop": Key(float, low=0, high=0.99, hint=" It is a fraction of the base model's "
                                            "usability score: 5 points is 0.05.")},
     }

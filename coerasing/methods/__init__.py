@@ -8,6 +8,7 @@ found by name through :data:`REGISTRY` and imported on first use:
 | ``esd`` | :mod:`.coerasing` | UNet (stage 1, text erasing) |
 | ``coerasing`` | :mod:`.coerasing` | UNet (stage 1, then stage 2 with images and text refinement) |
 | ``image-only``, ``no-refinement``, ``esd-equal-compute`` | :mod:`.coerasing` | Co-Erasing's ablations |
+| ``coerasing-preserve`` | :mod:`.coerasing` | UNet (Co-Erasing with the anchor-preservation term, our option) |
 | ``cpe`` | :mod:`.cpe` (folder) | ResAG gates on the cross-attention keys and values (folder) |
 | ``stereo`` | :mod:`.stereo` | UNet (adversarial search, then robust erasing) |
 | ``gie`` | :mod:`.gie` (folder) | attention processors at inference (folder: settings, adapter) |
@@ -29,6 +30,7 @@ from .base import ARTIFACT_FILE, UNET_CHECKPOINT, Artifact, Method, Runtime, UNe
 REGISTRY: dict[str, str] = {
     "esd": "coerasing.methods.coerasing:ESD",
     "coerasing": "coerasing.methods.coerasing:CoErasing",
+    "coerasing-preserve": "coerasing.methods.coerasing:CoErasingPreserve",
     "image-only": "coerasing.methods.coerasing:ImageOnly",
     "no-refinement": "coerasing.methods.coerasing:NoRefinement",
     "esd-equal-compute": "coerasing.methods.coerasing:ESDEqualCompute",

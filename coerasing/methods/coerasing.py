@@ -9,6 +9,8 @@ state dict (``unet.pth``); they differ only in which stages run and how:
 - ``no-refinement``: as ``coerasing``, stage 2 without ``--text_guide``.
 - ``image-only``: stage 2 from the base model (no stage 1); curve: stage 2's checkpoints.
 - ``esd-equal-compute``: stage 1 run as long as stages 1 + 2 together; curve: its checkpoints.
+- ``coerasing-preserve``: as ``coerasing``, stage 2 with the anchor-preservation term (docs/method.md
+  §13, Eq. 9) at the presets' ``preserve.weight``; an option of ours, not the paper's method.
 
 A run is cached by every setting except its length, and a longer request resumes it: stage 1 of
 ``esd``, ``coerasing``, ``no-refinement`` and ``esd-equal-compute`` is one training run (``--resume``
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import EraseConfig
-from ..files import atomic_write_json
+from ..files import atomic_write_json, atomic_write_text
 from .base import CurvePoint, Method, TraceContext, TrainingWorld
 
 PROGRESS = "progress.json"
@@ -143,6 +145,37 @@ class ImageOnly(_EraseMethod):
         settings = stage2_settings(context, None, refine=True)
         folder = train_run(context, "stage2", settings)
         return _points(folder, checkpoints(settings["iterations"], settings["save_iter"]))
+
+
+class CoErasingPreserve(_EraseMethod):
+    name = "coerasing-preserve"
+    summary = "Co-Erasing with the anchor-preservation term in stage 2 (docs/method.md §13; not in the paper)."
+
+    def trace(self, context: TraceContext) -> list[CurvePoint]:
+        """Stage 1's checkpoints (shared), then stage 2's with ``preserve.weight`` λ and the concept's anchors:
+        the presets' ``preserve.prompts``, else, for a toy shape, the other shapes' training captions."""
+        from .concepts import concept_kind, toy_anchor_prompts
+
+        preserve = dict(context.preset("preserve"))
+        weight = float(preserve.get("weight", 1.0))
+        prompts = preserve.get("prompts")
+        if prompts is None:
+            if concept_kind(context.concept) == "toy":
+                anchors = toy_anchor_prompts(context.concept)
+                folder = context.run_folder("anchors", {"concept": context.concept, "anchors": anchors})
+                path = folder / "anchors.txt"
+                context.once(folder, {"anchors": anchors},
+                             lambda: atomic_write_text(path, "\n".join(anchors) + "\n"))
+                prompts = str(path)
+            else:
+                prompts = "everyday"
+        stage1, length, every = self._stage1(context)
+        start = stage1 / f"unet_{length}.pth"
+        settings = {**stage2_settings(context, start, refine=True), "preserve_prompts": prompts,
+                    "preserve_weight": weight}
+        folder = train_run(context, "stage2", settings)
+        return [*_points(stage1, checkpoints(length, every)),
+                *_points(folder, checkpoints(settings["iterations"], settings["save_iter"]), offset=length)]
 
 
 class ESDEqualCompute(_EraseMethod):

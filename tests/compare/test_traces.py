@@ -94,3 +94,34 @@ def test_two_stage_curves_start_with_every_stage1_checkpoint(method, tmp_path, m
     assert [p.label for p in curve] == ["it2", "it4", "it5", "it6"]
     assert curve[:2] == esd  # the same checkpoints (files) as ESD's, not retrained
     assert [p.artifact.parent.name for p in curve] == ["stage1", "stage1", "stage2", "stage2"]
+
+
+def test_coerasing_preserve_adds_the_anchor_term_to_stage2_only(tmp_path, monkeypatch):
+    from coerasing.methods import coerasing as co
+    from coerasing.methods.concepts import toy_anchor_prompts
+
+    runs = []
+
+    def fake_run(context, kind, settings):
+        runs.append((kind, settings))
+        return tmp_path / kind
+
+    class Context(_PresetsOnly):
+        def preset(self, name):
+            return {"preserve": {"weight": 3.0}}.get(name) or super().preset(name)
+
+        def run_folder(self, kind, settings):
+            return tmp_path / kind
+
+        def once(self, folder, request, work):
+            folder.mkdir(parents=True, exist_ok=True)
+            work()
+
+    monkeypatch.setattr(co, "train_run", fake_run)
+    curve = get_method("coerasing-preserve").trace(Context(tmp_path))
+    assert [p.label for p in curve] == ["it2", "it4", "it5", "it6"]
+    (stage1, first), (stage2, second) = runs
+    assert stage1 == "stage1" and "preserve_weight" not in first  # stage 1 is ESD's, shared
+    assert second["preserve_weight"] == 3.0 and second["text_guide"] == "circle"
+    anchors = open(second["preserve_prompts"]).read().split("\n")
+    assert [a for a in anchors if a] == toy_anchor_prompts("circle")
