@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .checkpoints import write_run_json
 from .choices import SCHEDULERS
 from .errors import CoErasingError
 from .files import atomic_write, atomic_write_json, atomic_write_text, remove_stale_temps
@@ -334,7 +335,6 @@ def generate_images(
     compared with the folder's record so that images made otherwise are never reused.
     ``write_manifest_files=False`` leaves the manifest and ``run.json`` alone.
     """
-    from .checkpoints import write_run_json
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

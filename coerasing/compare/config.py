@@ -10,6 +10,7 @@ import yaml
 
 from ..errors import CoErasingError
 from ..flags import check_fields, check_output_fields, flag
+from ..methods import method_names
 from ..toy import TOY_MODEL_DIR
 from ..toy.world import SHAPES
 from .presets import TEST_EVALUATIONS, apply_quick, validate_presets
@@ -83,7 +84,6 @@ class CompareConfig:
 
     def lists(self, presets: dict[str, Any]) -> tuple[list[str], list[str], list[int]]:
         """Concepts, methods and seeds: the flags', else the presets' (``--quick``), else the defaults."""
-        from ..methods import method_names
 
         def items(value: str | None) -> list[str]:
             return [item.strip() for item in str(value or "").split(",") if item.strip()]

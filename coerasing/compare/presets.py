@@ -22,7 +22,10 @@ from typing import Any
 
 from ..config import EraseConfig, GenerateConfig
 from ..errors import CoErasingError
+from ..eval.attack import SCHEDULES, SPACES, AttackSettings
+from ..eval.config import EvalConfig
 from ..flags import base_type, check_value, convert, flag_fields, flag_types
+from ..methods import get_method, method_names
 
 #: Keys the comparison fills in itself for every cell; a preset may not set them.
 RESERVED = frozenset({
@@ -114,7 +117,6 @@ def dataclass_schema(cls: type, ranges: dict[str, tuple[float | None, float | No
 
 
 def _attack_schema() -> Schema:
-    from ..eval.attack import SCHEDULES, SPACES, AttackSettings
 
     schema = dataclass_schema(AttackSettings, {"lr": (0, None), "weight_decay": (0, None), "seed": (0, None)},
                               skip=("resample_noise",), choices={"space": SPACES, "schedule": SCHEDULES})
@@ -134,7 +136,6 @@ def _evaluation_schema(toy: bool) -> Schema:
         from ..toy.protocol import ToyEvalSettings
 
         return dataclass_schema(ToyEvalSettings, {"guidance_scale": (0, 100)}, choices={"scheduler": SCHEDULERS})
-    from ..eval.config import EvalConfig
 
     keys = ("num_inference_steps", "guidance_scale", "height", "width", "batch_size", "scheduler", "threshold",
             "target", "top_k", "detector")
@@ -145,7 +146,6 @@ def _evaluation_schema(toy: bool) -> Schema:
 
 def block_schemas(toy: bool) -> dict[str, Schema]:
     """Every block's schema: the comparison's own blocks and one per method with its own config."""
-    from ..methods import get_method, method_names
 
     schemas: dict[str, Schema] = {
         "stage1": flag_schema(EraseConfig),

@@ -30,8 +30,12 @@ from ..config import GenerateConfig
 from ..errors import CoErasingError
 from ..eval.attack import AttackSettings
 from ..eval.attacks import UnlearnDiff, asr, run_attack
+from ..eval.config import EvalConfig
+from ..eval.detectors import build_detector
+from ..eval.prompts import load_prompts
+from ..eval.report import clip_score
 from ..files import fingerprint
-from ..generation import load_generation_pipeline
+from ..generation import default_size, load_generation_pipeline, plan_batches, row_call_settings
 from ..methods.base import Runtime
 from ..reference_images import generate_reference_images
 from ..stats import rate
@@ -252,7 +256,6 @@ class PromptSetProtocol(EvaluationProtocol):
                 "clip_model": self.clip_model}
 
     def eval_config(self, concept: str, output_dir: str | Path = ".") -> Any:
-        from ..eval.config import EvalConfig
 
         keys = ("num_inference_steps", "guidance_scale", "height", "width", "batch_size", "scheduler", "threshold",
                 "target", "top_k", "detector")
@@ -263,7 +266,6 @@ class PromptSetProtocol(EvaluationProtocol):
 
     def rows(self, concept: str, split: str) -> list[Any]:
         """The concept's prompt rows of ``split``: the case number's hash decides, as for the toy captions."""
-        from ..eval.prompts import load_prompts
 
         rows = [row for row in load_prompts(concept)
                 if ("validation", "test")[hashlib.sha256(row.case.encode()).digest()[0] % 2] == split]
@@ -282,7 +284,6 @@ class PromptSetProtocol(EvaluationProtocol):
         return load_generation_pipeline(self.ckpt_path, torch.device(self.device), torch.float32, scheduler)
 
     def _images(self, runtime: Runtime, rows: list[Any], config: Any) -> list[Image.Image]:
-        from ..generation import default_size, plan_batches, row_call_settings
 
         settings = config.generation_settings()
         size = default_size(runtime.pipe)
@@ -296,7 +297,6 @@ class PromptSetProtocol(EvaluationProtocol):
         return [images[row.case] for row in rows]
 
     def evaluate(self, runtime: Runtime, concept: str, split: str) -> dict[str, Any]:
-        from ..eval.detectors import build_detector
 
         config = self.eval_config(concept)
         rows = self.rows(concept, split)
@@ -315,7 +315,6 @@ class PromptSetProtocol(EvaluationProtocol):
     def _clip_score(self, runtime: Runtime, split: str) -> float:
         import tempfile
 
-        from ..eval.report import clip_score
 
         coco = self.rows("coco_10k", split)[: int(self.evaluation.get("coco_images", 64))]
         config = self.eval_config("coco_10k")
@@ -336,7 +335,6 @@ class PromptSetProtocol(EvaluationProtocol):
         self, runtime: Runtime, concept: str, test: dict[str, Any], references: dict[str, Image.Image],
         out_dir: Path, made_by: dict[str, Any],
     ) -> dict[str, Any]:
-        from ..eval.detectors import build_detector
 
         config = self.eval_config(concept)
         rows = self.attack_rows(concept)

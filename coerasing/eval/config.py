@@ -10,11 +10,13 @@ from ..choices import DEFAULT_MODEL, PRECISIONS, SCHEDULERS
 from ..config import MAX_STEPS
 from ..errors import CoErasingError
 from ..flags import SEED_MAX, check_fields, check_output_fields, flag
-from .attack import SCHEDULES, SPACES, AttackSettings
+from ..generation import GenerationSettings
+from .attack import ATTACK_DIR, SCHEDULES, SPACES, AttackSettings
 from .attacks import ATTACKS
 from .attacks.p4d import VARIANTS, P4DSettings
 from .detectors import IMAGENET_CLASSES, DetectorSpec, detector_names
 from .prompts import prompt_set_name, resolve_prompt_file
+from .relearn import RelearnSettings, parse_steps
 from .report import USABILITY_METRICS
 
 COMMANDS: tuple[str, ...] = ("generate", "detect", "attack", "report", "all")
@@ -141,7 +143,6 @@ class EvalConfig:
 
     @property
     def attack_dir(self) -> Path:
-        from .attack import ATTACK_DIR
 
         return Path(self.output_dir or ".") / ATTACK_DIR
 
@@ -193,7 +194,6 @@ class EvalConfig:
                             device=self.device)
 
     def generation_settings(self) -> Any:
-        from ..generation import GenerationSettings
 
         return GenerationSettings(num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
                                   height=self.height, width=self.width, batch_size=self.batch_size,
@@ -210,7 +210,6 @@ class EvalConfig:
                            eval_every=self.p4d_eval_every, seed=self.attack_seed)
 
     def relearn_settings(self) -> Any:
-        from .relearn import RelearnSettings, parse_steps
 
         return RelearnSettings(steps=parse_steps(self.relearn_steps), lr=self.relearn_lr,
                                batch_size=self.relearn_batch_size, seed=self.attack_seed)

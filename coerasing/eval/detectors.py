@@ -51,6 +51,8 @@ from PIL import Image
 
 from ..errors import CoErasingError
 from ..files import atomic_write_text
+from ..generation import GENERATION_RECORD, load_image
+from ..models import is_hub_id, parse_device
 
 logger = logging.getLogger(__name__)
 
@@ -495,7 +497,6 @@ class ImageClassifierDetector:
                  batch_size: int = 16):
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-        from ..models import is_hub_id, parse_device
 
         self.model_name = model
         local = Path(model).expanduser()
@@ -627,7 +628,6 @@ def save_detections(
 
 def _images_record(folder: Path) -> dict[str, Any]:
     """What made the images of ``folder`` (its generation record), to key cached detections by it."""
-    from ..generation import GENERATION_RECORD
 
     path = folder / GENERATION_RECORD
     try:
@@ -647,7 +647,6 @@ def detect_folder(
     generation record differs), is recomputed. A missing image is an error that says to run the
     generate step.
     """
-    from ..generation import load_image
 
     folder = Path(folder)
     output = Path(output) if output else folder / DETECTIONS

@@ -36,10 +36,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import CoErasingError, NonFiniteLossError
-from ..files import atomic_write_json, atomic_write_text
+from ..files import atomic_write_json, atomic_write_text, fingerprint
 from ..generation import GenerationSettings, ImageRow, default_size, row_call_settings, save_png
+from ..images import list_image_files, load_images
 from ..methods.base import Runtime
 from ..stats import rate
+from ..textual_inversion import LatentCache, denoising_target, encode_prompts
 from .attack_records import as_json, is_current
 from .detectors import Detector
 
@@ -103,8 +105,6 @@ def load_concept_images(folder: str | Path, number: int | None, caption: str | N
     Captions: ``caption`` for every image if given, else each file's prompt in the folder's
     ``metadata.csv`` (``file, prompt, seed``).
     """
-    from ..files import fingerprint
-    from ..images import list_image_files, load_images
 
     files = list_image_files(folder, flag)
     if number is not None:
@@ -164,7 +164,6 @@ def relearn_checkpoints(runtime: Runtime, data: ConceptImages, settings: Relearn
     model's own). The starting weights are restored when the iteration ends (or is abandoned)."""
     from diffusers import DDPMScheduler
 
-    from ..textual_inversion import LatentCache, denoising_target, encode_prompts
 
     settings.validate()
     if not data.images:

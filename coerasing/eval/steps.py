@@ -37,6 +37,7 @@ from .attacks.base import refuse_stale
 from .config import RELEARN, EvalConfig, config_dict
 from .detectors import DETECTIONS, Detection, build_detector, detect_folder, load_detections, same_protocol
 from .prompts import attack_eligible, count_clip_tokens, load_prompts
+from .relearn import RELEARN_DIR, load_concept_images, relearn_curve, write_curves
 from .report import asr_summary, class_counts, usability_metric, write_report
 
 
@@ -163,7 +164,6 @@ def run_relearn(config: EvalConfig) -> Path:
     """Step 3 with ``--attack_method relearn`` (main process; :mod:`.relearn`): the erased model fine-tuned on
     ``--relearn_images``, its concept rate on the prompts after each ``--relearn_steps`` count, and the base
     model's curve as the reference → ``OUTPUT/relearn/{erased,base}/k_<k>.json``, ``curve.json``, ``curve.md``."""
-    from .relearn import RELEARN_DIR, load_concept_images, relearn_curve, write_curves
 
     rows = load_prompts(config.prompts or "", config.limit)
     spec = config.detector_spec()

@@ -24,6 +24,7 @@ import os
 from typing import Any
 
 from ..errors import CoErasingError
+from ..generation import load_generation_pipeline
 from .base import ARTIFACT_FILE, UNET_CHECKPOINT, Artifact, Method, Runtime, UNetRuntime, read_artifact, write_artifact
 
 #: Method name → ``module:Class`` of its :class:`Method` subclass (one line per method).
@@ -94,7 +95,6 @@ def load_runtime(
     ckpt_path: str, artifact: Any, device: Any, dtype: Any, scheduler: str = "default", flag: str = "--artifact"
 ) -> Runtime:
     """The base pipeline of ``ckpt_path`` (safety checker off) with ``artifact`` applied (``None``: the base)."""
-    from ..generation import load_generation_pipeline
 
     runtime = apply_artifact(load_generation_pipeline(ckpt_path, device, dtype, scheduler), artifact, flag)
     if artifact is not None:

@@ -26,6 +26,8 @@ from PIL import Image
 
 from ..errors import CoErasingError
 from ..files import atomic_write_text
+from ..formats import load_unet_checkpoint_into
+from ..generation import render
 
 ARTIFACT_FILE = "artifact.json"
 #: ``Artifact.method`` of a plain UNet checkpoint that carries no ``artifact.json``.
@@ -142,7 +144,6 @@ class Runtime:
     ) -> list[Image.Image] | Any:
         """One image per seed from ``prompts`` (or ready text states ``[B, 77, d]``); ``output_type="np"``
         gives ``[B, H, W, 3]`` uint8."""
-        from ..generation import render
 
         return render(self.pipe, seeds, guidance, height, width, num_inference_steps, prompts, prompt_embeds,
                       output_type)
@@ -162,7 +163,6 @@ class UNetRuntime(Runtime):
     """An erased UNet checkpoint loaded strictly into the pipeline's UNet (restored on close)."""
 
     def __init__(self, pipe: Any, artifact: Artifact, flag: str = "--artifact") -> None:
-        from ..formats import load_unet_checkpoint_into
 
         super().__init__(pipe, artifact)
         self._base = {key: value.detach().clone() for key, value in pipe.unet.state_dict().items()}

@@ -23,9 +23,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .. import train as erasing
 from ..config import EraseConfig
 from ..files import atomic_write_json, atomic_write_text
 from .base import CurvePoint, Method, TraceContext, TrainingWorld
+from .concepts import concept_kind, toy_anchor_prompts
 
 PROGRESS = "progress.json"
 
@@ -41,7 +43,6 @@ def train_run(context: TraceContext, kind: str, settings: dict[str, Any]) -> Pat
     The folder is keyed by every setting but ``iterations``; ``progress.json`` records how far it
     got, so a request for fewer iterations reuses it and a request for more resumes it.
     """
-    from ..train import erase
 
     key = {k: v for k, v in settings.items() if k != "iterations"}
     folder = context.run_folder(kind, key)
@@ -52,7 +53,7 @@ def train_run(context: TraceContext, kind: str, settings: dict[str, Any]) -> Pat
     resume = (folder / "train_state.pt").exists()
     config = EraseConfig(**settings, save_path=str(folder), devices=context.device, resume=resume,
                          overwrite=not resume)
-    erase(config)
+    erasing.erase(config)
     atomic_write_json(progress, {"iterations": settings["iterations"]})
     return folder
 
@@ -89,9 +90,8 @@ class _EraseMethod(Method):
     config_class = EraseConfig
 
     def train(self, config: EraseConfig, world: TrainingWorld | None = None) -> Path:
-        from ..train import erase
 
-        return erase(config)
+        return erasing.erase(config)
 
     @staticmethod
     def _stage1(context: TraceContext, extra: int = 0) -> tuple[Path, int, int]:
@@ -154,7 +154,6 @@ class CoErasingPreserve(_EraseMethod):
     def trace(self, context: TraceContext) -> list[CurvePoint]:
         """Stage 1's checkpoints (shared), then stage 2's with ``preserve.weight`` λ and the concept's anchors:
         the presets' ``preserve.prompts``, else, for a toy shape, the other shapes' training captions."""
-        from .concepts import concept_kind, toy_anchor_prompts
 
         preserve = dict(context.preset("preserve"))
         weight = float(preserve.get("weight", 1.0))

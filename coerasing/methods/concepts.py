@@ -11,6 +11,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
+from ..config import ARTISTS
 from ..errors import CoErasingError
 
 TOY_CAPTIONS_FILE: Path = Path(__file__).resolve().parent / "toy_captions.json"
@@ -58,7 +59,6 @@ def concept_kind(concept: str) -> str:
 
     The baselines' defaults (CPE's recipes, STEREO's initialiser and anchors) depend on it.
     """
-    from ..config import ARTISTS
 
     word = concept.strip().lower()
     if word in EXPLICIT_WORDS:

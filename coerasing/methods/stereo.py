@@ -42,11 +42,14 @@ from tqdm.auto import tqdm
 
 from ..checkpoints import claim_run_folder, write_run_json
 from ..choices import DEFAULT_MODEL, SAMPLERS, TRAIN_METHODS
-from ..config import MAX_STEPS, EraseConfig
+from ..config import MAX_STEPS, EraseConfig, safe_name
 from ..errors import CoErasingError
 from ..files import atomic_write_json
 from ..flags import SEED_MAX, check_fields, check_output_fields, flag
+from ..images import list_image_files, load_images
 from ..ip_adapter import unet_noise_pred
+from ..models import load_text_components, parse_devices
+from ..textual_inversion import TextualInversionSettings, learn_token, load_token, save_token
 from ..train import Eraser, _randint
 from .base import CurvePoint, Method, TraceContext, TrainingWorld
 from .concepts import concept_kind, toy_training_captions
@@ -162,7 +165,6 @@ class StereoConfig:
     def run_folder(self) -> Path:
         if self.save_path:
             return Path(self.save_path).expanduser()
-        from ..config import safe_name
 
         return Path(self.output_dir).expanduser() / "stereo" / safe_name(self.concept, "--prompt")
 
@@ -188,8 +190,6 @@ def token_name(round_index: int) -> str:
 
 def text_with_tokens(config: StereoConfig, token_files: list[Path], device: torch.device, dtype: torch.dtype) -> Any:
     """The base model's tokenizer and text encoder with the learned tokens added."""
-    from ..models import load_text_components
-    from ..textual_inversion import load_token
 
     text = load_text_components(config.ckpt_path, torch.device("cpu"), torch.float32)
     for path in token_files:
@@ -239,9 +239,6 @@ STEREO_FILES = ("run.json", "stereo.json", "tokens", "round_*", "reo")
 
 def train_stereo(config: StereoConfig) -> Path:
     """STE rounds, then REO (module docstring); returns the final ``unet.pth``. Resumable between rounds."""
-    from ..images import list_image_files, load_images
-    from ..models import parse_devices
-    from ..textual_inversion import TextualInversionSettings, learn_token, save_token
     config.validate()
     folder = config.run_folder()
     claim_run_folder(folder, "stereo", overwrite=config.overwrite and not config.resume, owned=STEREO_FILES,

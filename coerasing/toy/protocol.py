@@ -41,6 +41,7 @@ from ..errors import CoErasingError
 from ..eval.attack import AttackSettings
 from ..eval.attacks import ConceptInversion, UnlearnDiff, asr, run_attack
 from ..generation import GenerationSettings, ImageRow, scheduler_swapped
+from ..images import encode_images
 from ..methods.base import Runtime
 from ..stats import frechet_distance, rate
 from . import TOY_GUIDANCE
@@ -179,7 +180,6 @@ class ToyScorer:
     @torch.no_grad()
     def clip_similarity(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray | None:
         """Cosine similarity of each image's and its prompt's embeddings in the toy CLIP space."""
-        from ..images import encode_images
 
         if self.text_projection is None:
             return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import TOY_MODEL_DIR
+from .detector import ToyShapeDetector
 from .world import SHAPES
 
 
@@ -27,6 +28,5 @@ class ToyTrainingWorld:
         classifier = Path(model).expanduser() / "classifier"
         if concept.strip().lower() not in SHAPES or not (classifier / "config.json").is_file():
             return None
-        from .detector import ToyShapeDetector
 
         return ToyShapeDetector(classifier, [concept.strip().lower()], device)

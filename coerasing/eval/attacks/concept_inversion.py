@@ -20,9 +20,12 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
-from ...files import atomic_write_json
+from ...files import atomic_write_json, fingerprint
 from ...generation import GenerationSettings, ImageRow, default_size, row_call_settings, save_png
+from ...images import list_image_files, load_images
 from ...methods.base import Runtime
+from ...models import TextComponents
+from ...textual_inversion import TextualInversionSettings, concept_inversion_attack, load_token, save_token
 from ..detectors import Detector
 from .base import Attack, Record
 
@@ -66,8 +69,6 @@ class ConceptInversion(Attack):
     @classmethod
     def from_eval_config(cls, config: Any, references: Callable[[ImageRow], Image.Image],
                          detector: Callable[[], Detector]) -> ConceptInversion:
-        from ...files import fingerprint
-        from ...images import list_image_files, load_images
 
         def images() -> list[Image.Image]:
             return load_images(list_image_files(config.attack_images, "--attack_images"), "--attack_images")[1]
@@ -82,8 +83,6 @@ class ConceptInversion(Attack):
                 "prompt": self.prompt, "seed": self.seed, **self.images_id}
 
     def prepare(self, runtime: Runtime, out_dir: Path, made_by: Mapping[str, Any]) -> None:
-        from ...models import TextComponents
-        from ...textual_inversion import TextualInversionSettings, concept_inversion_attack, load_token, save_token
 
         self._runtime, self._out_dir, self._detector = runtime, out_dir, self.detector()
         token_file, word_file = out_dir / TOKEN_FILE, out_dir / WORD_FILE

@@ -46,6 +46,7 @@ from ...errors import CoErasingError
 from ...files import atomic_write_text
 from ...generation import GenerationSettings, ImageRow, default_size, row_call_settings, save_png
 from ...methods.base import Runtime
+from ...models import load_unet
 from ..attack import AttackModels, attack_generator, encode_token_embeddings, reference_latent
 from ..detectors import Detector
 from .base import Attack, Record
@@ -341,7 +342,6 @@ class P4D(Attack):
         return {"method": self.name, **vars(self.p4d_settings.validate())}
 
     def prepare(self, runtime: Runtime, out_dir: Path, made_by: Mapping[str, Any]) -> None:
-        from ...models import load_unet
 
         self._detector, self._out_dir = self.detector(), out_dir
         unet = runtime.pipe.unet

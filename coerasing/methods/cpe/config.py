@@ -6,8 +6,10 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ...config import safe_name
 from ...errors import CoErasingError
 from ...flags import SEED_MAX, check_fields, flag
+from ...models import DEFAULT_MODEL
 from ..concepts import concept_kind
 
 METHOD_NAME = "cpe"
@@ -159,7 +161,6 @@ class CPEConfig:
         lends, e.g. the toy model for a toy shape), else Stable Diffusion v1.4 (toy concepts have no
         such fallback: they need their world's model).
         """
-        from ...models import DEFAULT_MODEL
 
         self.validate()
         kind = self.kind or concept_kind(self.concepts[0])
@@ -174,7 +175,6 @@ class CPEConfig:
 
     def run_folder(self) -> Path:
         """``--save_path``, or ``OUTPUT_DIR/cpe/<prompt>``."""
-        from ...config import safe_name
 
         if self.save_path:
             return Path(self.save_path).expanduser()

@@ -11,10 +11,11 @@ from typing import Any
 
 import torch
 
-from ...checkpoints import CsvLog
+from ...checkpoints import CsvLog, claim_run_folder, write_run_json
 from ...errors import CoErasingError, NonFiniteLossError
 from ...files import atomic_write, remove_stale_temps
 from ...flags import check_output_fields, resume_settings
+from ...models import load_text_components, load_unet, parse_device
 from ..base import ARTIFACT_FILE
 from .config import ENCODE_BATCH, FIRST_STAGE_CYCLES, LOSS_FILE, TRAIN_STATE_FILE, CPEConfig
 from .io import load_cpe, save_cpe, stage_artifacts
@@ -259,7 +260,6 @@ def encode_concepts(text: Any, config: CPEConfig, device: torch.device) -> list[
 
 def _load_training_inputs(config: CPEConfig, device: torch.device) -> tuple[ProjectionBank, list[ConceptData]]:
     """Load the text encoder (prompts) and the UNet's cross-attention weights; free the rest."""
-    from ...models import load_text_components, load_unet
 
     text = load_text_components(config.ckpt_path, device, torch.float32)
     data = encode_concepts(text, config, device)
@@ -347,7 +347,6 @@ def train_cpe(config: CPEConfig) -> Path:
     ``train_state.pt`` the resume point; ``--resume true`` continues after the last complete stage
     and gives bit-identical weights. The final ResAGs are written to the run folder itself.
     """
-    from ...models import parse_device
 
     config = config.resolved()
     check_output_fields(config)
@@ -365,7 +364,6 @@ def _train(config: CPEConfig, device: torch.device) -> Path:
     """:func:`train_cpe` after the config is resolved and the device chosen."""
     from tqdm.auto import tqdm
 
-    from ...checkpoints import claim_run_folder, write_run_json
 
     folder = config.run_folder()
     claim_run_folder(folder, "cpe")

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ...errors import CoErasingError
+from ...generation import seeded_generators
 from ..base import Artifact, Runtime
 from .adapter import GIEAdapter
 from .config import _REPLACEABLE, CFG, COND, METHOD_NAME, GIEConfig
@@ -107,7 +108,6 @@ class GIERuntime(Runtime):
         """:meth:`first_step_features` for generation: each seed's initial noise at the schedule's first step."""
         from diffusers.utils.torch_utils import randn_tensor
 
-        from ...generation import seeded_generators
 
         pipe = self.pipe
         device = pipe.unet.device
@@ -155,7 +155,6 @@ class GIERuntime(Runtime):
 
         ``output_type`` goes to diffusers (``"np"``: float ``[B, H, W, 3]`` in [0, 1], unlike :meth:`render`).
         """
-        from ...generation import seeded_generators
 
         n = len(seeds)
         if (prompts is None) == (prompt_embeds is None):
@@ -223,7 +222,6 @@ class GIERuntime(Runtime):
         """Adapter features for :meth:`noise_pred`: fixed noise (``adapter_seed``) at the first step of the schedule."""
         from diffusers.utils.torch_utils import randn_tensor
 
-        from ...generation import seeded_generators
 
         pipe = self.pipe
         n, device = text_states.shape[0], pipe.unet.device
