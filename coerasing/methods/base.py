@@ -72,6 +72,13 @@ def read_artifact(path: str | Path, flag: str = "--artifact") -> Artifact:
     return Artifact(method=UNET_CHECKPOINT, path=path)
 
 
+def model_name(runtime: Runtime) -> str:
+    """How errors name the model a runtime generates with: its artifact's method and path, or the base model."""
+    if runtime.artifact is None:
+        return "the base model"
+    return f"the {runtime.artifact.method} model {runtime.artifact.path}"
+
+
 class Runtime:
     """A pipeline with an eraser applied (the base runtime applies nothing: the base model)."""
 

@@ -17,12 +17,11 @@ is bit-identical to an uninterrupted run, so sharing it changes no weight).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from ..config import EraseConfig
-from ..files import atomic_write_json
+from ..files import atomic_write_json, read_json_record
 from .base import CurvePoint, Method, TraceContext, TrainingWorld
 
 PROGRESS = "progress.json"
@@ -37,21 +36,31 @@ def train_run(context: TraceContext, kind: str, settings: dict[str, Any]) -> Pat
     """Train ``settings`` (an :class:`EraseConfig` as a dict) into its cache folder, or extend it.
 
     The folder is keyed by every setting but ``iterations``; ``progress.json`` records how far it
-    got, so a request for fewer iterations reuses it and a request for more resumes it.
+    got, so a request for fewer iterations reuses it and a request for more resumes it. The work
+    runs under the folder's lock (:meth:`TraceContext.once`), so two comparisons sharing an output
+    folder train it once. A ``progress.json`` that does not read back (truncated, garbled) counts as
+    no progress, with a warning: training resumes from the folder's saved state.
     """
-    from ..train import erase
-
     key = {k: v for k, v in settings.items() if k != "iterations"}
     folder = context.run_folder(kind, key)
-    progress = folder / PROGRESS
-    reached = json.loads(progress.read_text())["iterations"] if progress.exists() else 0
-    if reached >= settings["iterations"]:
-        return folder
-    resume = (folder / "train_state.pt").exists()
-    config = EraseConfig(**settings, save_path=str(folder), devices=context.device, resume=resume,
-                         overwrite=not resume)
-    erase(config)
-    atomic_write_json(progress, {"iterations": settings["iterations"]})
+
+    def reached(warn: str | None = None) -> int:
+        record = read_json_record(folder / PROGRESS, {"iterations": int}, warn=warn)
+        return record["iterations"] if record is not None else 0
+
+    def work() -> None:
+        from ..train import erase
+
+        if reached(warn="resuming from the saved training state") >= settings["iterations"]:
+            return
+        resume = (folder / "train_state.pt").exists()
+        config = EraseConfig(**settings, save_path=str(folder), devices=context.device, resume=resume,
+                             overwrite=not resume)
+        erase(config)
+        atomic_write_json(folder / PROGRESS, {"iterations": settings["iterations"]})
+
+    if reached() < settings["iterations"]:
+        context.once(folder, {"iterations": settings["iterations"]}, work)
     return folder
 
 
