@@ -141,3 +141,24 @@ def test_a_unet_with_nan_weights_is_an_error_of_the_toy_evaluation_not_a_perfect
         pipe.unet.conv_out.bias.fill_(float("nan"))
     with pytest.raises(CoErasingError, match=r"6 of 6 images of the base model on the test prompts are invalid"):
         toy.evaluate(Runtime(pipe), "circle", "test", settings, scorer)
+
+
+def test_evaluate_py_counts_invalid_images_and_stops_on_a_mostly_invalid_model(tmp_path):
+    from types import SimpleNamespace
+
+    from coerasing.eval.report import markdown_report
+    from coerasing.eval.steps import check_images, invalid_cases
+
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "1.png")
+    Image.new("RGB", (8, 8), (0, 0, 0)).save(tmp_path / "2.png")
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "3.png")
+    assert invalid_cases(tmp_path, ["1", "2", "3", "4"]) == ["2"]  # a missing image is the other steps' business
+    config = SimpleNamespace(images_dir=tmp_path, erased="esd.pth", ckpt_path="base")
+    assert check_images(config, ["1", "2", "3"]) == ["2"]
+    Image.new("RGB", (8, 8), (255, 255, 255)).save(tmp_path / "3.png")
+    with pytest.raises(CoErasingError, match=r"2 of 3 images of --artifact esd.pth in .* are invalid"):
+        check_images(config, ["1", "2", "3"])
+    report = {"prompts": "p", "ckpt_path": "base", "unet": "esd.pth", "detector": {"protocol": "x"}, "asr": None,
+              "invalid": {"k": 1, "n": 3, "cases": ["2"]}}
+    assert "- invalid images (non-finite or one colour everywhere): 1 of 3, e.g. cases 2" in markdown_report(report)

@@ -39,7 +39,8 @@ def train_run(context: TraceContext, kind: str, settings: dict[str, Any]) -> Pat
     got, so a request for fewer iterations reuses it and a request for more resumes it. The work
     runs under the folder's lock (:meth:`TraceContext.once`), so two comparisons sharing an output
     folder train it once. A ``progress.json`` that does not read back (truncated, garbled) counts as
-    no progress, with a warning: training resumes from the folder's saved state.
+    no progress, with a warning: the run's done mark (``done.json``) or its saved training state
+    decide, and the file is written again.
     """
     key = {k: v for k, v in settings.items() if k != "iterations"}
     folder = context.run_folder(kind, key)
@@ -59,8 +60,10 @@ def train_run(context: TraceContext, kind: str, settings: dict[str, Any]) -> Pat
         erase(config)
         atomic_write_json(folder / PROGRESS, {"iterations": settings["iterations"]})
 
-    if reached() < settings["iterations"]:
+    if reached(warn="looking at the run under its lock") < settings["iterations"]:
         context.once(folder, {"iterations": settings["iterations"]}, work)
+        if reached() < settings["iterations"]:  # the run's done mark says it got there: record it again
+            atomic_write_json(folder / PROGRESS, {"iterations": settings["iterations"]})
     return folder
 
 
