@@ -89,6 +89,14 @@ def _one(pattern: str, out: Path) -> Path:
     return found[0]
 
 
+def _attack_entry(record: Path) -> Path:
+    """The cache entry ``cache/attacks/<key>.json`` that sums up the attack records under ``cache/attacks/<key>/``."""
+    folder = record.parent
+    while folder.parent.name != "attacks":
+        folder = folder.parent
+    return folder.with_suffix(".json")
+
+
 #: kind → (the record to truncate, whether the job records are removed too so that the job reads the cache
 #: again, and the files besides the record that may be made again).
 CASES = {
@@ -98,9 +106,9 @@ CASES = {
     "progress": ("cache/runs/stage2/*/progress.json", True, lambda p: set()),
     "request": ("cache/runs/stage1/*/request.json", True, lambda p: set()),
     "job": ("jobs/*.json", False, lambda p: set()),
-    # an attack interrupted after writing a broken record: its summary entry is not there yet
-    "attack": ("cache/attacks/*/explicit-*.json", True,
-               lambda p: {p.parent.with_suffix(".json"), p.with_suffix(".png")}),
+    # an attack interrupted after writing a broken record (UnlearnDiff's or, where every attacked image
+    # already showed the concept, concept inversion's): its summary entry is not there yet
+    "attack": ("cache/attacks/**/*-*.json", True, lambda p: {_attack_entry(p), p.with_suffix(".png")}),
 }
 
 
@@ -112,7 +120,7 @@ def test_a_truncated_record_is_made_again_and_the_results_equal_the_uninterrupte
     target = _one(pattern, out)
     _truncate(target)
     if kind == "attack":
-        target.parent.with_suffix(".json").unlink()
+        _attack_entry(target).unlink()
     if drop_jobs:
         for job in (out / "jobs").glob("*.json"):
             job.unlink()
