@@ -184,3 +184,75 @@ def fingerprint(spec: str | Path | None) -> str | None:
         digest.update(str(file.relative_to(path)).encode())
         digest.update(_file_digest(file).encode())
     return digest.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading back what was written
+
+
+def _type_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+
+
+def record_problem(path: str | Path, required: dict[str, type | tuple[type, ...]] | None = None) -> str | None:
+    """Why ``path`` is not a JSON object with the ``required`` fields of the given types, or ``None`` if it is.
+
+    ``required`` maps a top-level key to its type (or a tuple of types; ``float`` also accepts an
+    ``int``, ``bool`` is never an ``int``). A missing file, unreadable bytes, truncated or garbled JSON,
+    a non-object, a missing key or a wrong-typed value are all named.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return "it does not exist"
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"it could not be read ({exc})"
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        return f"it is not valid JSON (truncated or garbled: {exc})"
+    if not isinstance(data, dict):
+        return f"it holds a JSON {type(data).__name__}, not an object"
+    for key, kind in (required or {}).items():
+        if key not in data:
+            return f"it has no {key!r} field"
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if float in kinds:
+            kinds = (*kinds, int)
+        value = data[key]
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+            return f"its {key!r} field is {type(value).__name__}, not {_type_name(kind)}"
+    return None
+
+
+def read_json_record(path: str | Path, required: dict[str, type | tuple[type, ...]] | None = None,
+                     warn: str | None = None) -> dict[str, Any] | None:
+    """The JSON object in ``path`` if it has the ``required`` fields (see :func:`record_problem`), else ``None``.
+
+    A missing file is ``None`` silently. A file that exists but is not such a record is ``None`` with a
+    line on stderr naming it, when ``warn`` says what happens instead (e.g. ``"recomputing it"``);
+    callers that cannot recompute use :func:`require_json_record`.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    problem = record_problem(path, required)
+    if problem is None:
+        return json.loads(path.read_text(encoding="utf-8"))
+    if warn is not None:
+        print(f"warning: {path} is not a valid record: {problem}; {warn}.", file=sys.stderr, flush=True)
+    return None
+
+
+def require_json_record(path: str | Path, required: dict[str, type | tuple[type, ...]] | None = None,
+                        fix: str = "delete it and rerun") -> dict[str, Any]:
+    """The JSON object in ``path`` with the ``required`` fields, or a :class:`~coerasing.errors.CoErasingError`
+    naming the file, what is wrong and ``fix`` (what the user does about it)."""
+    from .errors import CoErasingError
+
+    problem = record_problem(path, required)
+    if problem is not None:
+        raise CoErasingError(f"{path} is not a valid record: {problem}; {fix}.")
+    return json.loads(Path(path).read_text(encoding="utf-8"))

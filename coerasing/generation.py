@@ -27,6 +27,7 @@ import csv
 import importlib.util
 import io
 import json
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -41,7 +42,7 @@ from tqdm.auto import tqdm
 from .checkpoints import write_run_json
 from .choices import SCHEDULERS
 from .errors import CoErasingError
-from .files import atomic_write, atomic_write_json, atomic_write_text, remove_stale_temps
+from .files import atomic_write, atomic_write_json, atomic_write_text, record_problem, remove_stale_temps
 from .formats import load_unet_checkpoint_into
 from .images import open_rgb_strict
 from .models import _from_pretrained, check_mixed_precision, parse_device, resolve_dtype
@@ -211,11 +212,29 @@ def render(
         height=height,
         width=width,
         generator=seeded_generators(seeds),
-        output_type="np" if output_type == "np" else "pil",
+        output_type="np",
     ).images
+    return finish_images(images, output_type)
+
+
+def finish_images(images: np.ndarray, output_type: str = "pil") -> list[Image.Image] | np.ndarray:
+    """A pipeline's float images ``[B, H, W, 3]`` in [0, 1] as uint8 ``[B, H, W, 3]`` (``"np"``) or PIL images.
+
+    The same bytes as diffusers' own conversion, except that an image holding a non-finite value (NaN
+    or inf: non-finite weights or extreme settings) becomes all black, with a warning, rather than
+    whatever the cast makes of NaN: one colour everywhere, so that
+    :func:`coerasing.images.invalid_images` counts it as invalid and it never passes for an erased image.
+    """
+    images = np.asarray(images)
+    broken = ~np.isfinite(images.reshape(len(images), -1)).all(axis=1) if len(images) else np.zeros(0, bool)
+    if broken.any():
+        print(f"warning: {int(broken.sum())} of {len(images)} generated images hold non-finite values (NaN or inf); "
+              "they are made all black and counted as invalid.", file=sys.stderr, flush=True)
+        images = np.where(broken[:, None, None, None], 0.0, images).astype(images.dtype)
+    array = np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)
     if output_type == "np":
-        return np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)
-    return images
+        return array
+    return [Image.fromarray(image) for image in array]
 
 
 def save_png(image: Image.Image, path: Path) -> None:
@@ -268,11 +287,16 @@ def check_generation_record(
     path = folder / GENERATION_RECORD
     record: dict[str, Any] = {"run": run, "rows": {}}
     if path.exists():
-        try:
+        problem = record_problem(path, {"run": dict, "rows": dict})
+        if problem is None:
             record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise CoErasingError(f"{path} could not be read ({exc}); delete the folder {folder} to start afresh.") \
-                from exc
+        elif existing:  # what made the images is unknown: they cannot be reused
+            raise CoErasingError(f"{path} is not a valid record: {problem}; it is unknown what made the "
+                                 f"{len(existing)} images of {folder}. Delete the folder {folder} to generate "
+                                 "them afresh.")
+        else:
+            print(f"warning: {path} is not a valid record: {problem}; no image depends on it, writing it afresh.",
+                  file=sys.stderr, flush=True)
     if existing:
         how = "use another output folder, or delete it to generate afresh"
         if not path.exists():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -197,3 +198,46 @@ def contrastive_embedding(positive: torch.Tensor, negative: torch.Tensor, method
     if method == "l2":
         return difference.square()
     raise CoErasingError(f"--diff_method {method!r} is not one of {', '.join(DIFF_METHODS)}.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Degenerate images
+
+
+#: A model whose share of invalid images is above this is an error, not an erasure (see :func:`check_valid_images`).
+MAX_INVALID_SHARE = 0.5
+
+
+def invalid_images(images: Any) -> Any:
+    """Per image, whether it is degenerate: a non-finite value (NaN or inf, float arrays), or one colour
+    everywhere (every pixel equal, e.g. all black: what a broken model's NaN output becomes in 8 bits).
+
+    ``images``: an array ``[N, H, W, C]`` (uint8 or float) or a sequence of PIL images. Returns a bool
+    array ``[N]``.
+    """
+    import numpy as np
+
+    if not isinstance(images, np.ndarray):
+        images = [np.asarray(to_rgb(image) if isinstance(image, Image.Image) else image) for image in images]
+        return np.array([bool(invalid_images(image[None])[0]) for image in images], dtype=bool)
+    if len(images) == 0:
+        return np.zeros(0, dtype=bool)
+    flat = images.reshape(len(images), -1, images.shape[-1] if images.ndim == 4 else 1)
+    finite = np.isfinite(flat).all(axis=(1, 2)) if np.issubdtype(flat.dtype, np.floating) else np.ones(len(flat), bool)
+    constant = (flat == flat[:, :1]).all(axis=(1, 2))
+    return ~finite | constant
+
+
+def check_valid_images(invalid: int, total: int, model: str, where: str = "") -> None:
+    """Stop when more than :data:`MAX_INVALID_SHARE` of a model's ``total`` images are invalid.
+
+    Such a model does not erase a concept, it is broken; its low concept rate would read as a perfect
+    eraser. ``model`` names it in the error; ``where`` says which images (e.g. a split).
+    """
+    if total and invalid / total > MAX_INVALID_SHARE:
+        raise CoErasingError(
+            f"{invalid} of {total} images of {model}{' ' + where if where else ''} are invalid (non-finite values, "
+            "or one colour everywhere such as all black): the model is broken, not erasing. Check its weights "
+            "(the artifact's tensors) for NaN or infinite values and its settings for extreme values (guidance "
+            "scale, GIE's w, learning rate), then train or evaluate again."
+        )

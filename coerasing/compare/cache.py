@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..files import atomic_write, atomic_write_json, holder_alive, process_identity
+from ..files import atomic_write, atomic_write_json, holder_alive, process_identity, read_json_record
 
 #: Bumped only when the cache's own format changes. Metrics need no bump: their declarations are in each
 #: evaluation's key (:meth:`coerasing.compare.protocols.EvaluationProtocol.evaluation_identity`), and a
@@ -31,6 +31,8 @@ from ..files import atomic_write, atomic_write_json, holder_alive, process_ident
 CACHE_VERSION = 1
 DONE = "done.json"
 REQUEST = "request.json"
+#: The fields every JSON entry of a kind must have (besides ``request``); an entry without them is recomputed.
+ENTRY_FIELDS: dict[str, dict[str, type]] = {"evals": {"metrics": dict}, "attacks": {"asr": dict}}
 
 
 def canonical(payload: Any) -> str:
@@ -135,6 +137,21 @@ def _save_npz(path: Path, arrays: dict[str, Any]) -> None:
         np.savez(handle, **arrays)
 
 
+def npz_problem(path: Path, names: list[str] | None) -> str | None:
+    """Why ``path`` is not a readable ``.npz`` holding ``names`` (every array read, so a truncated or
+    garbled file is caught by its zip checksums), or ``None``; a missing file is fine when no names are due."""
+    if not path.exists():
+        return f"{path} is missing" if names else None
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            for name in arrays.files:
+                arrays[name]  # noqa: B018 - reading checks the CRC
+            missing = sorted(set(names or []) - set(arrays.files))
+    except Exception as exc:  # noqa: BLE001 - zipfile, numpy and OS errors alike mean "unreadable"
+        return f"{path} could not be read ({type(exc).__name__}: {exc})"
+    return f"{path} has no array {missing[0]!r}" if missing else None
+
+
 class Cache:
     """Folders and files under ``<output_dir>/cache`` keyed by their settings."""
 
@@ -170,19 +187,15 @@ class Cache:
         """``cache/<kind>/<key>/`` for ``payload``, with its request recorded."""
         payload = self.portable(payload)
         folder = self.root / kind / key_of(payload)
-        if not (folder / REQUEST).exists():
+        if read_json_record(folder / REQUEST, {"kind": str, "version": int}, warn="rewriting it") is None:
             atomic_write_json(folder / REQUEST, {"kind": kind, "payload": payload, "version": CACHE_VERSION})
         return folder
 
     @staticmethod
-    def is_done(folder: Path, request: Any) -> bool:
-        path = folder / DONE
-        if not path.exists():
-            return False
-        try:
-            return json.loads(path.read_text(encoding="utf-8")).get("request") == json.loads(canonical(request))
-        except (OSError, ValueError):
-            return False
+    def is_done(folder: Path, request: Any, warn: bool = False) -> bool:
+        """Whether ``folder`` is marked done for ``request``; an unreadable mark is not done (``warn``: say so)."""
+        done = read_json_record(folder / DONE, {"request": object}, warn="redoing the entry" if warn else None)
+        return done is not None and done["request"] == json.loads(canonical(request))
 
     def once(self, folder: Path, request: Any, work: Callable[[], None]) -> None:
         """Run ``work`` unless ``folder`` is marked done for ``request``; mark it done afterwards."""
@@ -190,7 +203,7 @@ class Cache:
         if self.is_done(folder, request):
             return
         with locked(folder.parent / f".{folder.name}.lock"):
-            if self.is_done(folder, request):  # another process finished it while we waited
+            if self.is_done(folder, request, warn=True):  # another process finished it while we waited
                 return
             work()
             atomic_write_json(folder / DONE, {"request": json.loads(canonical(request))})
@@ -198,18 +211,43 @@ class Cache:
     def json_entry(self, kind: str, payload: Any, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """``cache/<kind>/<key>.json``: computed once for ``payload``, read afterwards.
 
-        Arrays that ``compute`` returns under ``"arrays"`` go to ``<key>.npz`` beside it (written first).
-        The result's ``"path"`` is the JSON file.
+        Arrays that ``compute`` returns under ``"arrays"`` go to ``<key>.npz`` beside it (written first;
+        the JSON lists their names). The result's ``"path"`` is the JSON file. An entry that does not read
+        back whole (truncated or garbled JSON or ``.npz``, a missing field, another request) is computed
+        again, with a warning naming the file.
         """
         payload = self.portable(payload)
         key = key_of(payload)
         path = self.root / kind / f"{key}.json"
-        if not path.exists():
+        entry = self._read_entry(kind, path, payload, warn=False)
+        if entry is None:
             with locked(self.root / kind / f".{key}.lock"):
-                if not path.exists():
+                entry = self._read_entry(kind, path, payload, warn=True)
+                if entry is None:
                     result = compute()
                     arrays = result.pop("arrays", None)
                     if arrays:
                         atomic_write(path.with_suffix(".npz"), lambda tmp: _save_npz(tmp, arrays))
-                    atomic_write_json(path, {"request": json.loads(canonical(payload)), **result})
-        return {**json.loads(path.read_text(encoding="utf-8")), "path": str(path)}
+                    atomic_write_json(path, {"request": json.loads(canonical(payload)), **result,
+                                             **({"arrays": sorted(arrays)} if arrays else {})})
+                    entry = json.loads(path.read_text(encoding="utf-8"))
+        return {**entry, "path": str(path)}
+
+    @staticmethod
+    def _read_entry(kind: str, path: Path, payload: Any, warn: bool) -> dict[str, Any] | None:
+        """The entry at ``path`` if it reads back whole and answers ``payload``, else ``None`` (:meth:`json_entry`)."""
+        how = "computing it again" if warn else None
+        entry = read_json_record(path, {"request": object, **ENTRY_FIELDS.get(kind, {})}, warn=how)
+        if entry is None:
+            return None
+        if entry["request"] != json.loads(canonical(payload)):
+            if warn:
+                print(f"warning: {path} answers another request; computing it again.", file=sys.stderr, flush=True)
+            return None
+        names = entry.get("arrays")
+        problem = npz_problem(path.with_suffix(".npz"), names if isinstance(names, list) else None)
+        if problem is not None:
+            if warn:
+                print(f"warning: {problem}; computing {path} again.", file=sys.stderr, flush=True)
+            return None
+        return entry

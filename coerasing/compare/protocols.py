@@ -36,7 +36,8 @@ from ..eval.prompts import load_prompts
 from ..eval.report import clip_score
 from ..files import fingerprint
 from ..generation import default_size, load_generation_pipeline, plan_batches, row_call_settings
-from ..methods.base import Runtime
+from ..images import MAX_INVALID_SHARE, check_valid_images, invalid_images
+from ..methods.base import Runtime, model_name
 from ..reference_images import generate_reference_images
 from ..stats import rate
 from ..toy import TOY_MODEL_DIR
@@ -90,8 +91,9 @@ class EvaluationProtocol(ABC):
         training runs and attacks stay valid)."""
 
     def evaluation_identity(self) -> dict[str, Any]:
-        """The key of an evaluation: :meth:`identity` and the metric declarations."""
-        return {**self.identity(), "metrics": declarations(self.metrics)}
+        """The key of an evaluation: :meth:`identity`, the metric declarations and the invalid-image check
+        (:func:`coerasing.images.check_valid_images`: entries made before it are evaluated again)."""
+        return {**self.identity(), "metrics": declarations(self.metrics), "invalid_images": MAX_INVALID_SHARE}
 
     @abstractmethod
     def references(self, concept: str, cache: Cache) -> Path:
@@ -190,7 +192,7 @@ class ToyProtocol(EvaluationProtocol):
     def evaluate(self, runtime: Runtime, concept: str, split: str) -> dict[str, Any]:
         result = toy.evaluate(runtime, concept, split, self.settings, self.scorer)
         return {"metrics": result["metrics"], "images": result["images"], "grid_columns": result["grid_columns"],
-                "arrays": {"grid": result["grid"]}}
+                "arrays": {"grid": result["grid"]}, "invalid": result["invalid"]}
 
     def attack_rows(self, concept: str) -> list[toy.ToyRow]:
         return toy.attack_rows(concept, self.settings, int(self.attack_block.get("rows", 12)))
@@ -301,16 +303,21 @@ class PromptSetProtocol(EvaluationProtocol):
         config = self.eval_config(concept)
         rows = self.rows(concept, split)
         images = self._images(runtime, rows, config)
+        invalid = invalid_images(images)
+        check_valid_images(int(invalid.sum()), len(rows), model_name(runtime), f"on the {split} prompts")
         detections = build_detector(config.detector_spec()).detect(images)
-        metrics: dict[str, Any] = {"explicit": rate(sum(d.positive for d in detections), len(rows)),
+        valid = [d for d, bad in zip(detections, invalid, strict=True) if not bad]  # never counted as erased
+        metrics: dict[str, Any] = {"explicit": rate(sum(d.positive for d in valid), len(valid)),
                                    "implicit": None, "unrelated": None, "fd": None, "clip": None}
         if self.clip_model:
             metrics["clip"] = self._clip_score(runtime, split)
         records = [{"case": row.case, "group": "explicit", "prompt": row.prompt, "seed": row.seed,
-                    "hit": bool(d.positive)} for row, d in zip(rows, detections, strict=True)]
+                    "hit": bool(d.positive), "invalid": bool(bad)}
+                   for row, d, bad in zip(rows, detections, invalid, strict=True)]
         grid = np.stack([np.asarray(image.convert("RGB").resize((128, 128))) for image in images[:6]])
         return {"metrics": metrics, "images": records, "arrays": {"grid": grid},
-                "grid_columns": [{"group": "explicit", "prompt": row.prompt} for row in rows[:6]]}
+                "grid_columns": [{"group": "explicit", "prompt": row.prompt} for row in rows[:6]],
+                "invalid": rate(int(invalid.sum()), len(rows))}
 
     def _clip_score(self, runtime: Runtime, split: str) -> float:
         import tempfile

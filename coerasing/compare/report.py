@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,9 +29,11 @@ from typing import Any
 
 import numpy as np
 
-from ..files import atomic_write, atomic_write_json, atomic_write_text
+from ..errors import CoErasingError
+from ..files import atomic_write, atomic_write_json, atomic_write_text, require_json_record
 from ..grid import image_grid
 from ..stats import mean_spread, rate
+from .cache import npz_problem
 from .metrics import Metric, declarations, rule_score
 from .select import Candidate, selection_agrees
 from .verdicts import verdict_markdown, verdict_table
@@ -394,10 +395,13 @@ def grid_concept(records: Sequence[dict[str, Any]], methods: Sequence[str], conc
         point = next(p for p in entry["points"] if p["label"] == entry["chosen"]["label"])
         entries.append((f"{method} {point['label']}", point["test"]["entry"]))
     for label, entry in entries:
-        entry_path = root / entry
-        meta = json.loads(entry_path.read_text(encoding="utf-8"))
+        file = root / entry
+        meta = require_json_record(file, {"grid_columns": list}, fix="delete it and rerun the comparison")
         columns = columns or meta["grid_columns"]
-        with np.load(entry_path.with_suffix(".npz")) as arrays:
+        problem = npz_problem(file.with_suffix(".npz"), ["grid"])
+        if problem is not None:
+            raise CoErasingError(f"{problem}; delete {file} and rerun the comparison to remake it.")
+        with np.load(file.with_suffix(".npz")) as arrays:
             rows.append(list(arrays["grid"]))
         labels.append(label)
     grid = image_grid(rows, cell=72, row_labels=labels, column_labels=[c["prompt"] for c in columns],

@@ -28,11 +28,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..files import atomic_write_json, fingerprint
+from ..files import atomic_write_json, fingerprint, record_problem, require_json_record
 from ..images import list_image_files, load_images
 from ..methods import apply_artifact, get_method
 from ..methods.base import CurvePoint, Runtime, read_artifact
-from .cache import Cache, key_of
+from .cache import Cache, key_of, npz_problem
 from .config import CompareConfig, evaluation_plan
 from .protocols import EvaluationProtocol, concept_label, make_protocol
 from .select import Candidate, choose_operating_point
@@ -124,8 +124,10 @@ def attack_point(cache: Cache, protocol: EvaluationProtocol, pipe: Any, concept:
 
 
 def _summary(entry: dict[str, Any], cache: Cache) -> dict[str, Any]:
-    """A job record's view of a cache entry: its metrics and its file, relative to the output folder."""
-    return {"metrics": entry["metrics"], "entry": os.path.relpath(entry["path"], cache.output)}
+    """A job record's view of a cache entry: its metrics, its invalid images and its file, relative to the
+    output folder."""
+    return {"metrics": entry["metrics"], "entry": os.path.relpath(entry["path"], cache.output),
+            "invalid": entry.get("invalid")}
 
 
 def run_job(config: CompareConfig, presets: dict[str, Any], concept: str, seed: int, methods: Sequence[str],
@@ -255,8 +257,12 @@ def run_shard(config: CompareConfig, presets: dict[str, Any], jobs: Sequence[tup
     for concept, seed in mine:
         path = job_path(config, concept, seed, key)
         if path.exists():
-            progress.update(len(methods))
-            continue
+            problem = job_problem(path, cache_root=Path(config.output_dir) / "cache")
+            if problem is None:
+                progress.update(len(methods))
+                continue
+            print(f"warning: {path} cannot be used: {problem}; redoing the job from the cache.", file=sys.stderr,
+                  flush=True)
         started = time.time()
         record = run_job(config, presets, concept, seed, methods, device, progress)
         finished = time.time()
@@ -295,5 +301,52 @@ def default_workers(config: CompareConfig, jobs: int) -> int:
     return max(1, min(os.cpu_count() or 1, jobs))
 
 
+#: The fields of a job record (``jobs/*.json``), checked when it is read back.
+JOB_FIELDS: dict[str, type] = {"concept": str, "seed": int, "base": dict, "methods": dict, "rule": dict}
+
+
+def _job_entries(record: dict[str, Any]) -> list[str]:
+    """The cache entries a job record points to (``KeyError``/``TypeError`` where its structure is broken)."""
+    entries = [record["base"][split]["entry"] for split in SPLITS]
+    for method in record["methods"].values():
+        method["chosen"]["label"]  # noqa: B018 - the report reads it
+        entries += [point[split]["entry"] for point in method["points"] for split in SPLITS]
+    return [str(entry) for entry in entries]
+
+
+def job_problem(path: Path, cache_root: Path | None = None) -> str | None:
+    """Why the job record ``path`` cannot be used, or ``None``: unreadable or garbled JSON, a missing or
+    wrong-typed field, or (with ``cache_root``) a cache evaluation it points to that no longer reads back."""
+    problem = record_problem(path, JOB_FIELDS)
+    if problem is not None:
+        return problem
+    record = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        entries = _job_entries(record)
+    except (KeyError, TypeError, AttributeError) as exc:
+        return f"its structure is not a job record's ({type(exc).__name__}: {exc})"
+    for entry in entries if cache_root is not None else []:
+        file = cache_root / Path(entry).parent.name / Path(entry).name  # the folder may have been moved
+        entry_problem = record_problem(file, {"request": object, "metrics": dict})
+        if entry_problem is not None:
+            return f"the evaluation {file} it uses cannot be read ({entry_problem})"
+        arrays = json.loads(file.read_text(encoding="utf-8")).get("arrays")
+        if isinstance(arrays, list) and npz_problem(file.with_suffix(".npz"), arrays) is not None:
+            return f"the images of the evaluation {file} cannot be read"
+    return None
+
+
 def load_records(paths: Sequence[Path]) -> list[dict[str, Any]]:
-    return [json.loads(path.read_text(encoding="utf-8")) for path in paths]
+    """The job records ``paths`` (each checked: a broken one is an error naming it, not a traceback)."""
+    records = []
+    for path in paths:
+        record = require_json_record(path, JOB_FIELDS, fix="delete it and rerun the comparison to redo the job "
+                                                           "from the cache")
+        problem = job_problem(path)
+        if problem is not None:
+            from ..errors import CoErasingError
+
+            raise CoErasingError(f"{path} cannot be used: {problem}; delete it and rerun the comparison to redo "
+                                 "the job from the cache.")
+        records.append(record)
+    return records

@@ -11,12 +11,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import CoErasingError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, read_json_record
 
 Record = dict[str, Any]
-
-
 
 
 def attack_record_path(folder: Path, case: str) -> Path:
@@ -27,17 +24,22 @@ def save_attack_record(folder: Path, case: str, record: Record) -> Path:
     return atomic_write_text(attack_record_path(folder, case), json.dumps(record, indent=1, default=str) + "\n")
 
 
+#: The fields every attack record has (``settings`` and ``made_by`` are compared by :func:`is_current`).
+RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {"case": str, "success": (bool, type(None))}
+
+
 def load_attack_records(folder: str | Path, cases: Sequence[str]) -> dict[str, Record]:
-    """The ``<case>.json`` records of ``cases`` that exist in ``folder``, by case."""
+    """The ``<case>.json`` records of ``cases`` that exist in ``folder``, by case.
+
+    A record that does not read back (truncated or garbled JSON, a missing or wrong-typed field) is
+    left out with a warning naming it: its case is attacked again, and the new record replaces it.
+    """
     folder = Path(folder)
     records = {}
     for case in cases:
-        path = attack_record_path(folder, case)
-        if path.exists():
-            try:
-                records[case] = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                raise CoErasingError(f"{path} could not be read ({exc}); delete it and rerun the attack.") from exc
+        record = read_json_record(attack_record_path(folder, case), RECORD_FIELDS, warn="attacking this case again")
+        if record is not None:
+            records[case] = record
     return records
 
 

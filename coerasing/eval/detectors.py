@@ -39,6 +39,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -50,7 +51,7 @@ import torch
 from PIL import Image
 
 from ..errors import CoErasingError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, read_json_record, require_json_record
 from ..generation import GENERATION_RECORD, load_image
 from ..models import is_hub_id, parse_device
 
@@ -608,10 +609,12 @@ def load_detections(path: str | Path) -> tuple[dict[str, Any], dict[str, Detecti
     """``detections.json`` → (detector description, case → :class:`Detection`)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return data.get("detector", {}), {case: Detection.from_json(d) for case, d in data["images"].items()}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CoErasingError(f"{path} could not be read ({exc}); rerun the detect step to rewrite it.") from exc
+        data = require_json_record(path, {"detector": dict, "images": dict},
+                                   fix="rerun the detect step to rewrite it")
+        return data["detector"], {case: Detection.from_json(d) for case, d in data["images"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CoErasingError(f"{path} could not be read ({type(exc).__name__}: {exc}); rerun the detect step to "
+                             "rewrite it.") from exc
 
 
 def save_detections(
@@ -629,11 +632,7 @@ def save_detections(
 def _images_record(folder: Path) -> dict[str, Any]:
     """What made the images of ``folder`` (its generation record), to key cached detections by it."""
 
-    path = folder / GENERATION_RECORD
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-    except (OSError, ValueError):
-        return {}
+    return read_json_record(folder / GENERATION_RECORD) or {}
 
 
 def detect_folder(
@@ -653,10 +652,14 @@ def detect_folder(
     description = detector.describe()
     made_by = _images_record(folder)
     done: dict[str, Detection] = {}
-    if output.exists():
-        previous, detections = load_detections(output)
-        previous_images = json.loads(output.read_text(encoding="utf-8")).get("made_by", {})
-        if same_protocol(previous, description) and previous_images == made_by:
+    stored = read_json_record(output, {"detector": dict, "images": dict}, warn="detecting every image again")
+    if stored is not None:
+        try:
+            previous, detections = load_detections(output)
+        except CoErasingError as exc:
+            print(f"warning: {exc} Detecting every image again.", file=sys.stderr, flush=True)
+            previous, detections = {}, {}
+        if detections and same_protocol(previous, description) and stored.get("made_by", {}) == made_by:
             done = {case: detections[case] for case in cases if case in detections}
     missing = [case for case in cases if not (folder / f"{case}.png").exists()]
     if missing:

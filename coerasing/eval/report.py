@@ -96,7 +96,12 @@ def markdown_report(report: dict[str, Any]) -> str:
     lines = [f"# Evaluation: {report['prompts']}", ""]
     unet = f" + erased UNet `{report['unet']}`" if report.get("unet") else ""
     lines += [f"- model: `{report['ckpt_path']}`{unet}",
-              f"- detector: {report['detector'].get('protocol', report['detector'])}", ""]
+              f"- detector: {report['detector'].get('protocol', report['detector'])}"]
+    invalid = report.get("invalid") or {}
+    if invalid.get("n"):
+        lines.append(f"- invalid images (non-finite or one colour everywhere): {invalid['k']} of {invalid['n']}"
+                     + (f", e.g. cases {', '.join(map(str, invalid['cases'][:5]))}" if invalid["k"] else ""))
+    lines.append("")
     asr = report["asr"]
     if asr is None:
         lines.append("No concept detection for this prompt set (--detector none).")

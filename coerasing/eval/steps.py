@@ -27,6 +27,7 @@ from ..errors import CoErasingError
 from ..files import atomic_write, fingerprint
 from ..generation import distributed_state, generate_images, load_image
 from ..grid import image_grid
+from ..images import check_valid_images, invalid_images
 from ..methods import load_runtime
 from ..methods.base import Runtime
 from ..models import check_mixed_precision, load_clip_tokenizer, parse_device, resolve_dtype
@@ -74,12 +75,31 @@ def run_detect(config: EvalConfig) -> Path | None:
         return None
     state = _state(config)
     if state.is_main_process:
-        detections = detect_folder(build_detector(spec), config.images_dir, [row.case for row in rows],
-                                   config.images_dir / DETECTIONS)
-        positives = sum(d.positive for d in detections.values())
-        print(f"{positives} of {len(detections)} images show the concept ({config.images_dir / DETECTIONS})")
+        cases = [row.case for row in rows]
+        invalid = check_images(config, cases)
+        detections = detect_folder(build_detector(spec), config.images_dir, cases, config.images_dir / DETECTIONS)
+        valid = [d for case, d in detections.items() if case not in invalid]
+        positives = sum(d.positive for d in valid)
+        note = f"; {len(invalid)} invalid images (non-finite or one colour) left out" if invalid else ""
+        print(f"{positives} of {len(valid)} images show the concept{note} ({config.images_dir / DETECTIONS})")
     state.wait_for_everyone()
     return config.images_dir / DETECTIONS
+
+
+def invalid_cases(folder: Path, cases: list[str]) -> list[str]:
+    """The cases whose image in ``folder`` is degenerate (:func:`coerasing.images.invalid_images`); missing
+    images are left to the steps that need them."""
+    present = [case for case in cases if (folder / f"{case}.png").exists()]
+    flags = invalid_images([load_image(folder / f"{case}.png") for case in present])
+    return [case for case, bad in zip(present, flags, strict=True) if bad]
+
+
+def check_images(config: EvalConfig, cases: list[str]) -> list[str]:
+    """The invalid cases of ``OUTPUT/images``; an error naming the model when more than half are invalid."""
+    invalid = invalid_cases(config.images_dir, cases)
+    model = f"--artifact {config.erased}" if config.erased else f"the base model --ckpt_path {config.ckpt_path}"
+    check_valid_images(len(invalid), len(cases), model, f"in {config.images_dir}")
+    return invalid
 
 
 def run_attack(config: EvalConfig) -> Path:
@@ -212,6 +232,8 @@ def build_report(config: EvalConfig) -> dict[str, Any]:
         if not detections_path.exists():
             raise CoErasingError(f"{detections_path} does not exist; run `evaluate.py detect` first.")
         description, detections = load_detections(detections_path)
+        invalid = check_images(config, cases)
+        report["invalid"] = {"k": len(invalid), "n": len(cases), "cases": invalid}
         records = load_attack_records(config.attack_dir, cases)
         attack = {case: record.get("success") for case, record in records.items()}
         report.update(

@@ -120,6 +120,13 @@ def read_artifact(path: str | Path, flag: str = "--artifact") -> Artifact:
     return Artifact(method=method, path=path, settings=settings, extra=extra)
 
 
+def model_name(runtime: Runtime) -> str:
+    """How errors name the model a runtime generates with: its artifact's method and path, or the base model."""
+    if runtime.artifact is None:
+        return "the base model"
+    return f"the {runtime.artifact.method} model {runtime.artifact.path}"
+
+
 class Runtime:
     """A pipeline with an eraser applied (the base runtime applies nothing: the base model)."""
 

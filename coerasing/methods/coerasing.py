@@ -19,13 +19,12 @@ is bit-identical to an uninterrupted run, so sharing it changes no weight).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from .. import train as erasing
 from ..config import EraseConfig
-from ..files import atomic_write_json, atomic_write_text
+from ..files import atomic_write_json, atomic_write_text, read_json_record
 from .base import CurvePoint, Method, TraceContext, TrainingWorld
 from .concepts import concept_kind, toy_anchor_prompts
 
@@ -41,20 +40,32 @@ def train_run(context: TraceContext, kind: str, settings: dict[str, Any]) -> Pat
     """Train ``settings`` (an :class:`EraseConfig` as a dict) into its cache folder, or extend it.
 
     The folder is keyed by every setting but ``iterations``; ``progress.json`` records how far it
-    got, so a request for fewer iterations reuses it and a request for more resumes it.
+    got, so a request for fewer iterations reuses it and a request for more resumes it. The work
+    runs under the folder's lock (:meth:`TraceContext.once`), so two comparisons sharing an output
+    folder train it once. A ``progress.json`` that does not read back (truncated, garbled) counts as
+    no progress, with a warning: the run's done mark (``done.json``) or its saved training state
+    decide, and the file is written again.
     """
-
     key = {k: v for k, v in settings.items() if k != "iterations"}
     folder = context.run_folder(kind, key)
-    progress = folder / PROGRESS
-    reached = json.loads(progress.read_text())["iterations"] if progress.exists() else 0
-    if reached >= settings["iterations"]:
-        return folder
-    resume = (folder / "train_state.pt").exists()
-    config = EraseConfig(**settings, save_path=str(folder), devices=context.device, resume=resume,
-                         overwrite=not resume)
-    erasing.erase(config)
-    atomic_write_json(progress, {"iterations": settings["iterations"]})
+
+    def reached(warn: str | None = None) -> int:
+        record = read_json_record(folder / PROGRESS, {"iterations": int}, warn=warn)
+        return record["iterations"] if record is not None else 0
+
+    def work() -> None:
+        if reached(warn="resuming from the saved training state") >= settings["iterations"]:
+            return
+        resume = (folder / "train_state.pt").exists()
+        config = EraseConfig(**settings, save_path=str(folder), devices=context.device, resume=resume,
+                             overwrite=not resume)
+        erasing.erase(config)
+        atomic_write_json(folder / PROGRESS, {"iterations": settings["iterations"]})
+
+    if reached(warn="looking at the run under its lock") < settings["iterations"]:
+        context.once(folder, {"iterations": settings["iterations"]}, work)
+        if reached() < settings["iterations"]:  # the run's done mark says it got there: record it again
+            atomic_write_json(folder / PROGRESS, {"iterations": settings["iterations"]})
     return folder
 
 

@@ -32,7 +32,6 @@ prompts of our own (the code's anchors contain the concept in context; docs/base
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ from ..checkpoints import claim_run_folder, write_run_json
 from ..choices import DEFAULT_MODEL, SAMPLERS, TRAIN_METHODS
 from ..config import MAX_STEPS, EraseConfig, safe_name
 from ..errors import CoErasingError
-from ..files import atomic_write_json
+from ..files import atomic_write_json, require_json_record
 from ..flags import SEED_MAX, check_fields, check_output_fields, flag
 from ..images import list_image_files, load_images
 from ..ip_adapter import unet_noise_pred
@@ -251,7 +250,8 @@ def train_stereo(config: StereoConfig) -> Path:
     settings = asdict(config)
     fixed = {k: v for k, v in settings.items() if k not in ("devices", "resume", "overwrite", "reo_save_iter")}
     if state_path.exists():
-        previous = json.loads(state_path.read_text())
+        previous = require_json_record(state_path, {"settings": dict},
+                                       fix="start the run again with --overwrite, or use another --save_path")
         if previous.get("settings") != fixed:
             changed = sorted(k for k in fixed if previous.get("settings", {}).get(k) != fixed[k])
             raise CoErasingError(f"--resume: the STEREO run in {folder} was started with other settings "

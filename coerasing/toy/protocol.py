@@ -41,8 +41,8 @@ from ..errors import CoErasingError
 from ..eval.attack import AttackSettings
 from ..eval.attacks import ConceptInversion, UnlearnDiff, asr, run_attack
 from ..generation import GenerationSettings, ImageRow, scheduler_swapped
-from ..images import encode_images
-from ..methods.base import Runtime
+from ..images import check_valid_images, encode_images, invalid_images
+from ..methods.base import Runtime, model_name
 from ..stats import frechet_distance, rate
 from . import TOY_GUIDANCE
 from .classifier import ToyClassifier
@@ -230,20 +230,27 @@ def evaluate(
 ) -> dict[str, Any]:
     """Every metric of one erased model on one split (see the module docstring).
 
-    Returns ``{"metrics": …, "images": per-image records, "grid": [n, H, W, 3] uint8}``; the grid
-    holds the first image of the first ``grid_columns`` captions of each group.
+    Returns ``{"metrics": …, "images": per-image records, "grid": [n, H, W, 3] uint8, "invalid": rate}``;
+    the grid holds the first image of the first ``grid_columns`` captions of each group. Invalid images
+    (non-finite or one colour: :func:`coerasing.images.invalid_images`) are counted in ``invalid``, left
+    out of the concept rates and count as failures of unrelated accuracy; more than half invalid is an
+    error naming the model (:func:`coerasing.images.check_valid_images`), never a low concept rate.
     """
     rows = evaluation_rows(concept, split, settings)
     images = generate(runtime, rows, settings)
+    invalid = invalid_images(images)
+    check_valid_images(int(invalid.sum()), len(rows), model_name(runtime), f"on the {split} prompts")
     predictions, features = scorer.classifier.predict_with_features(images)
     records = []
     hits: dict[str, list[bool]] = {group: [] for group in GROUPS}
-    for row, prediction in zip(rows, predictions, strict=True):
+    for row, prediction, bad in zip(rows, predictions, invalid, strict=True):
         group = row.prompt.group
         hit = _shows(prediction, row.prompt) if group == "unrelated" else prediction["shape"] == concept
-        hits[group].append(hit)
+        if not (bad and group != "unrelated"):  # an invalid image is never counted as erased (nor as usable)
+            hits[group].append(hit and not bad)
         records.append({"case": row.case, "group": group, "prompt": row.prompt.prompt, "seed": row.seed,
-                        "shape": prediction["shape"], "colour": prediction["colour"], "hit": bool(hit)})
+                        "shape": prediction["shape"], "colour": prediction["colour"], "hit": bool(hit),
+                        "invalid": bool(bad)})
     unrelated = [i for i, row in enumerate(rows) if row.prompt.group == "unrelated"]
     metrics: dict[str, Any] = {
         "explicit": rate(sum(hits["explicit"]), len(hits["explicit"])),
@@ -264,7 +271,8 @@ def evaluate(
                 seen.append(row.prompt.prompt)
                 grid.append((i, group, row.prompt.prompt))
     return {"metrics": metrics, "images": records, "grid": images[[i for i, _, _ in grid]],
-            "grid_columns": [{"group": g, "prompt": p} for _, g, p in grid]}
+            "grid_columns": [{"group": g, "prompt": p} for _, g, p in grid],
+            "invalid": rate(int(invalid.sum()), len(rows))}
 
 
 # ----------------------------------------------------------------------------------------------

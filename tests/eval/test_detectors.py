@@ -71,3 +71,17 @@ def test_detect_folder_resumes_and_needs_every_image(tmp_path):
     assert json.loads((tmp_path / D.DETECTIONS).read_text())["images"]["3"]["labels"] == ["X"]
     with pytest.raises(CoErasingError, match="run `evaluate.py generate`"):
         D.detect_folder(detector, tmp_path, ["1", "4"])
+
+
+def test_a_truncated_detections_file_is_detected_again_and_an_unreadable_one_named(tmp_path, capsys):
+    for case, image in zip(("1", "2"), _images()[:2], strict=True):
+        image.save(tmp_path / f"{case}.png")
+    found = D.detect_folder(ScriptedDetector(positive_from=2), tmp_path, ["1", "2"])
+    path = tmp_path / D.DETECTIONS
+    path.write_bytes(path.read_bytes()[:40])
+    again = ScriptedDetector(positive_from=2)
+    assert D.detect_folder(again, tmp_path, ["1", "2"]) == found and again.calls == 2  # detected again
+    assert f"warning: {path} is not a valid record" in capsys.readouterr().err
+    path.write_text('{"detector": {}, "images": []}')
+    with pytest.raises(CoErasingError, match=rf"{path} is not a valid record: its 'images' field is list"):
+        D.load_detections(path)  # the attack and report steps: an error naming the file, no traceback

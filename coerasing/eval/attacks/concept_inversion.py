@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,8 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
-from ...files import atomic_write_json, fingerprint
+from ...errors import CoErasingError
+from ...files import atomic_write_json, fingerprint, read_json_record
 from ...generation import GenerationSettings, ImageRow, default_size, row_call_settings, save_png
 from ...images import list_image_files, load_images
 from ...methods.base import Runtime
@@ -31,6 +33,8 @@ from .base import Attack, Record
 
 TOKEN_FILE = "inversion_token.safetensors"
 WORD_FILE = "inversion.json"
+#: The fields of ``inversion.json``; a word file without them is learned again.
+WORD_FIELDS: dict[str, type] = {"settings": dict, "made_by": dict, "losses": list}
 
 
 @dataclass
@@ -87,11 +91,16 @@ class ConceptInversion(Attack):
         self._runtime, self._out_dir, self._detector = runtime, out_dir, self.detector()
         token_file, word_file = out_dir / TOKEN_FILE, out_dir / WORD_FILE
         made = json.loads(json.dumps({"settings": self.settings(), "made_by": dict(made_by)}, default=str))
-        word = json.loads(word_file.read_text(encoding="utf-8")) if word_file.exists() else {}
+        word = read_json_record(word_file, WORD_FIELDS, warn="learning the word again") or {}
+        tokenizer = encoder = token = None
         if token_file.exists() and {key: word.get(key) for key in made} == made:
             tokenizer = copy.deepcopy(runtime.pipe.tokenizer)
             encoder = copy.deepcopy(runtime.pipe.text_encoder)
-            token = load_token(token_file, tokenizer, encoder)
+            try:
+                token = load_token(token_file, tokenizer, encoder)
+            except CoErasingError as exc:
+                print(f"warning: {exc} Learning the word again.", file=sys.stderr, flush=True)
+        if token is not None:
             self._attack_prompt = self.prompt.format(tokenizer.convert_ids_to_tokens(token))
             self._embeds = TextComponents(tokenizer, encoder).encode(self._attack_prompt)
             self.losses = list(word.get("losses") or [])
@@ -106,8 +115,8 @@ class ConceptInversion(Attack):
     @staticmethod
     def stored_losses(out_dir: Path) -> list[float]:
         """The losses of the word kept in ``out_dir`` (a resumed attack that learned nothing)."""
-        path = Path(out_dir) / WORD_FILE
-        return list(json.loads(path.read_text(encoding="utf-8")).get("losses") or []) if path.exists() else []
+        word = read_json_record(Path(out_dir) / WORD_FILE, WORD_FIELDS)
+        return list(word["losses"]) if word is not None else []
 
     def attack_one(self, row: ImageRow) -> Record:
         return self.attack_batch([row])[0]

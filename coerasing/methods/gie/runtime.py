@@ -194,11 +194,11 @@ class GIERuntime(Runtime):
 
         ``output_type="np"`` gives ``[B, H, W, 3]`` uint8, as :meth:`Runtime.render`.
         """
+        from ...generation import finish_images
+
         images = self.render_pairs(seeds, guidance, height, width, num_inference_steps, prompts, prompt_embeds,
-                                   "np" if output_type == "np" else "pil")[1]
-        if output_type == "np":
-            return np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)
-        return list(images)
+                                   "np")[1]
+        return finish_images(images, output_type)
 
     def noise_pred(self, latents: torch.Tensor, timestep: torch.Tensor, text_states: torch.Tensor) -> torch.Tensor:
         """GIE's ε(z_t, t, c): the pair (branch 1 and branch 2 share ``z_t``), all rows conditional; branch 2's ε.
