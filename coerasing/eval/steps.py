@@ -149,6 +149,8 @@ def run_attack(config: EvalConfig) -> Path:
             torch.cuda.empty_cache()
     state.wait_for_everyone()
     if state.is_main_process:
+        if state.num_processes > 1:  # each shard summed up its own records; now all of them
+            attack.finish(config.attack_dir, load_attack_records(config.attack_dir, [row.case for row in targets]))
         config.attack_dir.mkdir(parents=True, exist_ok=True)
         write_run_json(config.attack_dir, config_dict(config), settings=attack.settings(), attacked=len(targets),
                        attackable=len(eligible), prompts=len(rows))

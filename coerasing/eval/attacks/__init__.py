@@ -8,12 +8,19 @@ from __future__ import annotations
 
 from .base import Attack, Record, asr, run_attack, stale_records
 from .concept_inversion import ConceptInversion
+from .mma import MMADiffusion
+from .replay import Replay
+from .ring_a_bell import RingABell
 from .unlearndiff import UnlearnDiff
 
 #: Every attack by name (``evaluate.py --attack_method``).
 ATTACKS: dict[str, type[Attack]] = {
     UnlearnDiff.name: UnlearnDiff,
     ConceptInversion.name: ConceptInversion,
+    RingABell.name: RingABell,
+    MMADiffusion.name: MMADiffusion,
+    Replay.name: Replay,
 }
 
-__all__ = ["ATTACKS", "Attack", "ConceptInversion", "Record", "UnlearnDiff", "asr", "run_attack", "stale_records"]
+__all__ = ["ATTACKS", "Attack", "ConceptInversion", "MMADiffusion", "Record", "Replay", "RingABell", "UnlearnDiff",
+           "asr", "run_attack", "stale_records"]

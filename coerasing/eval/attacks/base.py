@@ -83,6 +83,10 @@ class Attack(ABC):
     def close(self) -> None:  # noqa: B027
         """Release what :meth:`prepare` loaded (default: nothing)."""
 
+    def finish(self, out_dir: Path, records: Mapping[str, Record]) -> None:  # noqa: B027
+        """After the loop, with every current record of its rows (also when none was attacked): files that
+        sum up the records, e.g. the text attacks' prompt file (default: nothing)."""
+
     @staticmethod
     def asr(cases: Sequence[str], pre: Mapping[str, bool], records: Mapping[str, Record],
             attackable: set[str] | None = None) -> dict[str, Any]:
@@ -156,6 +160,7 @@ def run_attack(
     done = {case: record for case, record in found.items() if case not in stale}
     todo = [row for row in rows if not pre.get(row.case) and row.case not in done]
     if not todo:
+        attack.finish(out_dir, done)
         return done
     attack.prepare(runtime() if callable(runtime) else runtime, out_dir, origin)
     try:
@@ -171,4 +176,5 @@ def run_attack(
                     log(f"[{number}/{len(todo)}] {attack.describe(record)}")
     finally:
         attack.close()
+    attack.finish(out_dir, done)
     return done
