@@ -99,15 +99,22 @@ def initial_prompt(encoder: PromptEncoder, length: int, banned: torch.Tensor,
     return encoder.content_ids(" ".join(letters[i] for i in picks))
 
 
+def through_eos(encoder: PromptEncoder, ids: torch.Tensor) -> torch.Tensor:
+    """``ids`` cut after the last row's first EOS: under CLIP's causal attention the states up to the EOS do
+    not depend on the padding after it, so the pooled state is the same at a fraction of the cost."""
+    return ids[:, : int(encoder.eos_index(ids).max()) + 1]
+
+
 def prompt_loss(encoder: PromptEncoder, ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``[N]``: ``1 − cos(pool(ids), target)`` for full id rows ``[N, T]``."""
+    """``[N]``: ``1 − cos(pool(ids), target)`` for id rows ``[N, T]``."""
+    ids = through_eos(encoder, ids)
     return cosine_loss(encoder.pooled(encoder.states(ids), ids), target.to(encoder.device)).cpu()
 
 
 def token_gradients(encoder: PromptEncoder, content: Sequence[int], target: torch.Tensor) -> torch.Tensor:
     """``[L, V]``: the loss's gradient with respect to one-hot rows of the ``L`` content tokens, each row
     scaled to unit length."""
-    ids = encoder.layout(torch.tensor([list(content)]))
+    ids = through_eos(encoder, encoder.layout(torch.tensor([list(content)])))
     one_hot = torch.zeros(len(content), encoder.vocab_size, device=encoder.device)
     one_hot[torch.arange(len(content)), torch.tensor(list(content))] = 1.0
     one_hot.requires_grad_(True)
