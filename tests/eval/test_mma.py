@@ -125,3 +125,16 @@ def test_evaluate_mma_end_to_end_and_replay(tiny_stack, tiny_classifier, rows_cs
     check_replay(out, args, capsys)
     code, err = run_evaluate([*args, "--attack_method", "mma"], capsys)  # a CSV set: no default ban list
     assert code == 2 and "--mma_banned" in err and "Traceback" not in err
+
+
+def test_the_text_attack_benchmark_runs(capsys):
+    import importlib.util
+
+    from ..conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_text_attacks", REPO_ROOT / "benchmarks" / "bench_text_attacks.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--arch", "tiny", "--generations", "2", "--steps", "1", "--k", "4"])
+    assert [row["attack"] for row in rows] == ["ring_a_bell K4", "mma"] and all(row["seconds"] > 0 for row in rows)
+    assert "| mma |" in capsys.readouterr().out

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import time
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -234,9 +235,11 @@ class PromptSearchAttack(Attack):
         """The adversarial string for one target prompt: ``{"attack_prompt", "objective", …}``."""
 
     def found(self, prompt: str) -> dict[str, Any]:
-        """:meth:`search` once per prompt text in this run."""
+        """:meth:`search` once per prompt text in this run (``seconds``: how long it took)."""
         if prompt not in self._found:
-            self._found[prompt] = self.search(prompt, search_generator(self.seed, prompt))
+            start = time.perf_counter()
+            found = self.search(prompt, search_generator(self.seed, prompt))
+            self._found[prompt] = {**found, "seconds": round(time.perf_counter() - start, 3)}
         return self._found[prompt]
 
     def attack_one(self, row: ImageRow) -> Record:
