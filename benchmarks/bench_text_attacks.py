@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     mma_search(encoder, PROMPT, MMASettings(steps=args.steps, banned=("circle",)), banned, search_generator(0, PROMPT))
     seconds = (time.perf_counter() - start) / args.steps
     rows.append({"attack": "mma", "unit": "step", "seconds": seconds, "per_prompt_min": seconds * 1000 / 60})
-    print(f"| attack ({args.arch}, {args.threads} thread(s)) | s per unit | minutes per prompt at the paper's settings |")
+    print(f"| attack ({args.arch}, {args.threads} thread(s)) | s per unit | minutes per prompt, paper's settings |")
     print("|---|---|---|")
     for row in rows:
         print(f"| {row['attack']} | {row['seconds']:.3f} s / {row['unit']} | {row['per_prompt_min']:.1f} |")

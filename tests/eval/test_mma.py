@@ -132,7 +132,8 @@ def test_the_text_attack_benchmark_runs(capsys):
 
     from ..conftest import REPO_ROOT
 
-    spec = importlib.util.spec_from_file_location("bench_text_attacks", REPO_ROOT / "benchmarks" / "bench_text_attacks.py")
+    path = REPO_ROOT / "benchmarks" / "bench_text_attacks.py"
+    spec = importlib.util.spec_from_file_location("bench_text_attacks", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     rows = bench.main(["--arch", "tiny", "--generations", "2", "--steps", "1", "--k", "4"])
