@@ -10,6 +10,7 @@ import torch
 
 from coerasing.eval.attacks import RingABell, run_attack
 from coerasing.eval.attacks.ring_a_bell import (
+    PRESETS,
     GeneticSettings,
     concept_vector,
     free_tokens,
@@ -82,7 +83,7 @@ def test_eta_zero_seeded_with_the_target_tokens_has_zero_fitness(encoder):
     assert result.fitness == pytest.approx(0.0, abs=1e-6) and result.ids.tolist() == content
     vocabulary = search_vocabulary(encoder)
     assert not set(vocabulary.tolist()) & encoder.special_ids() and 0 not in vocabulary.tolist()
-    assert free_tokens(encoder, 77) == 75 and free_tokens(encoder, 16) == 16
+    assert [free_tokens(encoder, PRESETS[name]) for name in ("K77", "K38", "K16")] == [75, 38, 16]
 
 
 def _attack(pairs, detector_from=None, **search) -> RingABell:
@@ -191,3 +192,21 @@ def test_evaluate_ring_a_bell_end_to_end_and_replay(tiny_stack, tiny_classifier,
     check_replay(out, args, capsys)
     code, err = run_evaluate([*args, "--attack_method", "ring_a_bell"], capsys)  # no pairs for a CSV prompt set
     assert code == 2 and "--rab_pairs" in err and "Traceback" not in err
+
+
+def test_replay_of_a_missing_case_fails_and_of_another_prompt_stops(tmp_path):
+    from coerasing.errors import CoErasingError
+    from coerasing.eval.attacks import Replay
+
+    path = tmp_path / "prompts.csv"
+    path.write_text("case,prompt,attack_prompt\nr1,a red circle,some words\n")
+    attack = Replay(str(path), GenerationSettings(num_inference_steps=2), ScriptedDetector)
+    attack.prepare(object(), tmp_path, {})  # the model is never used for these two rows
+    assert attack.cases == {"r1"}
+    record = attack.attack_one(ROWS[2])  # r3: not in the file
+    assert record["success"] is False and record["replayed"] is False and record["attack_prompt"] is None
+    with pytest.raises(CoErasingError, match="same prompt set"):
+        attack.attack_one(ImageRow(case="r1", prompt="another prompt", seed=1))
+    (tmp_path / "bad.csv").write_text("case,prompt\nr1,a\n")
+    with pytest.raises(CoErasingError, match="attack_prompt"):
+        Replay(str(tmp_path / "bad.csv"), GenerationSettings(), ScriptedDetector)

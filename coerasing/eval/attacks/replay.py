@@ -60,6 +60,11 @@ class Replay(Attack):
     def __post_init__(self) -> None:
         self._prompts = read_prompt_file(self.prompts_file)
 
+    @property
+    def cases(self) -> set[str]:
+        """The cases the prompt file holds a string for."""
+        return {case for case, row in self._prompts.items() if row.get("attack_prompt")}
+
     @classmethod
     def from_eval_config(cls, config: Any, references: Callable[[ImageRow], Any],
                          detector: Callable[[], Detector]) -> Replay:
