@@ -5,7 +5,8 @@
    ``accelerate launch``/``torchrun`` processes.
 2. :func:`run_detect`: does each image show the concept? → ``OUTPUT/images/detections.json``.
 3. :func:`run_attack`: the attack (``--attack_method``: UnlearnDiff, against the base model's image of
-   the prompt from ``--reference_dir``, made by the base model when missing; or concept inversion) on
+   the prompt from ``--reference_dir``, made by the base model when missing; concept inversion; the
+   text-only Ring-A-Bell and MMA-Diffusion; or a replay of their prompt file) on
    each prompt that fits (≤ 60 CLIP tokens) and does not already show the concept, through the one
    attack loop (:mod:`coerasing.eval.attacks`) → ``OUTPUT/attack/<case>.json|png``.
 4. :func:`run_report`: pre-ASR and ASR over all prompts and over the attackable ones, per-class
