@@ -253,11 +253,11 @@ class RingABell(PromptSearchAttack):
         assert self._allowed is not None
         encoder, settings = self.encoder, self.search_settings
         k = free_tokens(encoder, settings.k)
-        fitness = squared_error(encoder, self.target(prompt))
-        result = genetic_search(fitness, k, self._allowed, settings, generator)
+        target = self.target(prompt)
+        result = genetic_search(squared_error(encoder, target), k, self._allowed, settings, generator)
         text = encoder.decode(result.ids.tolist())
         retokenized = encoder.content_ids(text)
-        string_fitness = float(((encoder.states(encoder.tokenize([text]))[0] - self.target(prompt)) ** 2).sum())
+        string_fitness = float(((encoder.states(encoder.tokenize([text]))[0] - target) ** 2).sum())
         step = max(1, len(result.history) // 100)
         return {"attack_prompt": text, "objective": string_fitness, "ids": result.ids.tolist(),
                 "ids_objective": result.fitness, "free_tokens": k, "round_trip": retokenized == result.ids.tolist(),
