@@ -34,6 +34,7 @@ TOY_PREFIX = "toy_"
 
 WHAT, GEN, DET, ATT, USE = "what to evaluate", "generation", "detection", "attack (UnlearnDiff)", "usability (report)"
 P4D_GROUP, RELEARN_GROUP = "attack (P4D)", "relearning probe"
+RAB, MMA = "attack (Ring-A-Bell)", "attack (MMA-Diffusion, text)"
 
 
 @dataclass
@@ -87,7 +88,9 @@ class EvalConfig:
                               help="unlearndiff (a prompt prefix per prompt), concept_inversion (STEREO's: one word "
                                    "learned against the erased model from --attack_images, then 'a photo of <word>' "
                                    "with each prompt's seed), p4d (a hard prompt matching the base model's noise), "
-                                   "or relearn (fine-tune on --relearn_images, concept rate after each step count)")
+                                   "ring_a_bell or mma (a string per prompt found with the text encoder only; "
+                                   "docs/attacks.md), replay (--attack_prompts), or relearn (fine-tune on "
+                                   "--relearn_images, concept rate after each step count)")
     attack_images: str | None = flag(None, group=ATT, help="concept_inversion: reference images of the concept "
                                      "(generate_data.py's folder)")
     inversion_steps: int = flag(3000, group=ATT, min=1, max=1_000_000, help="concept_inversion: textual-inversion "
@@ -124,6 +127,29 @@ class EvalConfig:
     relearn_batch_size: int = flag(4, group=RELEARN_GROUP, min=1, max=4096, help="relearn: images per step")
     skip_relearn_reference: bool = flag(False, group=RELEARN_GROUP,
                                         help="relearn: no reference curve of the base model")
+    attack_prompts: str | None = flag(None, group=ATT, help="replay: a prompt file (attack_prompts.csv written by a "
+                                      "ring_a_bell or mma run) to generate and detect again with this model")
+    rab_k: int = flag(16, group=RAB, min=1, max=77, help="prompt length K (free tokens min(K, 75)); the paper's "
+                      "presets: 77, 38, 16 (the authors' notebook: 16)")
+    rab_eta: float = flag(3.0, group=RAB, min=-1000, max=1000, help="strength η of the concept vector (notebook: 3; "
+                          "released violence prompts: 5.5)")
+    rab_population: int = flag(200, group=RAB, min=2, max=1_000_000, help="genetic search: individuals (notebook: 200)")
+    rab_generations: int = flag(3000, group=RAB, min=1, max=10_000_000, help="genetic search: generations "
+                                "(notebook: 3000)")
+    rab_mutation: float = flag(0.25, group=RAB, min=0, max=1, help="genetic search: probability that an individual "
+                               "gets one random token (notebook: 0.25)")
+    rab_crossover: float = flag(0.5, group=RAB, min=0, max=1, help="genetic search: probability that a survivor "
+                                "mates (notebook: 0.5)")
+    rab_pairs: str | None = flag(None, group=RAB, help="CSV of prompt pairs (columns positive,negative) for the "
+                                 "concept vector (default for toy_<shape>: data/attacks/ring_a_bell/toy_<shape>.csv)")
+    rab_concept_vector: str | None = flag(None, group=RAB, help="a ready [77, d] concept vector (.npy) instead of "
+                                          "--rab_pairs")
+    mma_steps: int = flag(1000, group=MMA, min=1, max=10_000_000, help="greedy coordinate gradient steps (paper: 1000)")
+    mma_topk: int = flag(256, group=MMA, min=1, max=1_000_000, help="candidate ids per position (paper: 256)")
+    mma_candidates: int = flag(512, group=MMA, min=1, max=1_000_000, help="candidates scored per step (paper: 512)")
+    mma_length: int = flag(20, group=MMA, min=1, max=75, help="tokens of the adversarial prompt (paper: 20)")
+    mma_banned: str = flag("", group=MMA, help="comma-separated words whose tokens are never proposed (default: the "
+                           "shape for toy_<shape>, the paper's list for nudity and i2p)")
     usability: str = flag("", group=USE, help="comma-separated: fid, clip")
     fid_reference: str | None = flag(None, group=USE, help="folder of real COCO images for FID")
     clip_model: str | None = flag(None, group=USE, help="CLIP model folder or Hub id for the CLIP score")
@@ -246,6 +272,16 @@ class EvalConfig:
                     "--attack_method relearn needs --relearn_images: a folder of images of the concept to fine-tune "
                     "on (python generate_data.py --label <concept>).")
             self.relearn_settings()
+        attacking = self.command in ("attack", "all") and not self.skip_attack
+        if self.attack_method == "replay" and attacking:
+            require(bool(self.attack_prompts) and Path(self.attack_prompts).expanduser().is_file(),
+                    "--attack_method replay needs --attack_prompts FILE.csv: the attack_prompts.csv a ring_a_bell or "
+                    "mma run wrote in its attack folder.")
+        for name in ("rab_pairs", "rab_concept_vector"):
+            value = getattr(self, name)
+            require(value is None or Path(value).expanduser().is_file(), f"--{name} {value} is not a file.")
+        require(not (self.rab_pairs and self.rab_concept_vector),
+                "--rab_pairs and --rab_concept_vector both give Ring-A-Bell's concept; give one of them.")
         if self.erased:
             flag_name = "--artifact" if self.artifact else "--unet"
             require(Path(self.erased).expanduser().exists(),

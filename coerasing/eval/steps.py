@@ -5,7 +5,8 @@
    ``accelerate launch``/``torchrun`` processes.
 2. :func:`run_detect`: does each image show the concept? → ``OUTPUT/images/detections.json``.
 3. :func:`run_attack`: the attack (``--attack_method``: UnlearnDiff, against the base model's image of
-   the prompt from ``--reference_dir``, made by the base model when missing; or concept inversion) on
+   the prompt from ``--reference_dir``, made by the base model when missing; concept inversion; the
+   text-only Ring-A-Bell and MMA-Diffusion; or a replay of their prompt file) on
    each prompt that fits (≤ 60 CLIP tokens) and does not already show the concept, through the one
    attack loop (:mod:`coerasing.eval.attacks`) → ``OUTPUT/attack/<case>.json|png``.
 4. :func:`run_report`: pre-ASR and ASR over all prompts and over the attackable ones, per-class
@@ -172,7 +173,7 @@ def run_attack(config: EvalConfig) -> Path:
             torch.cuda.empty_cache()
     state.wait_for_everyone()
     if state.is_main_process:
-        if state.num_processes > 1:  # the summaries of every shard's records
+        if state.num_processes > 1:  # each shard summed up its own records; now all of them
             attack.finish(config.attack_dir, load_attack_records(config.attack_dir, [row.case for row in targets]))
         config.attack_dir.mkdir(parents=True, exist_ok=True)
         write_run_json(config.attack_dir, config_dict(config), settings=attack.settings(), attacked=len(targets),

@@ -98,5 +98,5 @@ def test_batches_and_the_asr_of_the_records(tmp_path):
 
 
 def test_every_registered_attack_is_an_attack_class():
-    assert set(ATTACKS) == {"unlearndiff", "concept_inversion", "p4d"}
+    assert set(ATTACKS) == {"unlearndiff", "concept_inversion", "p4d", "ring_a_bell", "mma", "replay"}
     assert all(issubclass(cls, Attack) and cls.name == name for name, cls in ATTACKS.items())

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from .base import Attack, Record, asr, run_attack, stale_records
 from .concept_inversion import ConceptInversion
+from .mma import MMADiffusion
 from .p4d import P4D
+from .replay import Replay
+from .ring_a_bell import RingABell
 from .unlearndiff import UnlearnDiff
 
 #: Every attack by name (``evaluate.py --attack_method``).
@@ -16,7 +19,10 @@ ATTACKS: dict[str, type[Attack]] = {
     UnlearnDiff.name: UnlearnDiff,
     ConceptInversion.name: ConceptInversion,
     P4D.name: P4D,
+    RingABell.name: RingABell,
+    MMADiffusion.name: MMADiffusion,
+    Replay.name: Replay,
 }
 
-__all__ = ["ATTACKS", "Attack", "ConceptInversion", "P4D", "Record", "UnlearnDiff", "asr", "run_attack",
-           "stale_records"]
+__all__ = ["ATTACKS", "Attack", "ConceptInversion", "MMADiffusion", "P4D", "Record", "Replay", "RingABell",
+           "UnlearnDiff", "asr", "run_attack", "stale_records"]

@@ -7,8 +7,8 @@ An attack (:class:`Attack`) is one class:
   learn a word, …); it is not called when every prompt already has a current record;
 - :meth:`Attack.attack_one`: one prompt row → one record (``{"case", "success", …}``);
   :meth:`Attack.attack_batch` may attack several rows at once (``batch_size``).
-- :meth:`Attack.finish` (optional): after the loop, a summary of every current record (P4D's
-  replayable prompt file).
+- :meth:`Attack.finish` (optional): after the loop, a summary of every current record (the
+  replayable prompt files of P4D, Ring-A-Bell and MMA).
 
 :func:`run_attack` is the loop every caller uses (``evaluate.py``, the toy world's and the real
 protocol's comparison): one JSON record per case in an output folder, written atomically as soon
@@ -86,7 +86,8 @@ class Attack(ABC):
         """Release what :meth:`prepare` loaded (default: nothing)."""
 
     def finish(self, out_dir: Path, records: Mapping[str, Record]) -> None:  # noqa: B027
-        """After the loop, with every current record of the rows: write summaries (default: nothing)."""
+        """After the loop, with every current record of its rows (also when none was attacked): files that
+        sum up the records, e.g. the text attacks' prompt file (default: nothing)."""
 
     @staticmethod
     def asr(cases: Sequence[str], pre: Mapping[str, bool], records: Mapping[str, Record],
