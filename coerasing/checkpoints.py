@@ -16,8 +16,10 @@ import csv
 import json
 import platform
 import re
+import shutil
 import subprocess
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable
 
@@ -64,7 +66,6 @@ def latest_periodic_checkpoint(folder: str | Path) -> tuple[int, Path] | None:
 
 def library_versions() -> dict[str, str]:
     """Versions of Python and the libraries a result depends on."""
-    from importlib.metadata import PackageNotFoundError, version
 
     versions = {"python": platform.python_version()}
     for name in ("torch", "diffusers", "transformers", "accelerate", "safetensors", "numpy", "pillow"):
@@ -235,7 +236,6 @@ def claim_run_folder(
     writes) are removed; other files stay. An input of the command (``inputs``: flag → path) among
     them is refused before anything is removed.
     """
-    import shutil
 
     folder = Path(folder).expanduser()
     owner = run_owner(folder)

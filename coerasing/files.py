@@ -9,6 +9,7 @@ process is gone (called when a run folder is opened again).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -20,6 +21,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from .errors import CoErasingError
 
 _TEMP = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")
 
@@ -149,7 +152,6 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
 def _file_digest(path: Path, whole: int = 256 << 20, chunk: int = 1 << 20, samples: int = 64) -> str:
     """sha256 of a file: of all of it up to 256 MiB; above, of its size and 64 evenly spaced 1 MiB chunks
     (multi-GB weights hash in a second, and two checkpoints of one run still differ in many chunks)."""
-    import hashlib
 
     size = path.stat().st_size
     digest = hashlib.sha256(str(size).encode())
@@ -170,7 +172,6 @@ def fingerprint(spec: str | Path | None) -> str | None:
     Folders hash every file's relative path and content (:func:`_file_digest`), so a changed weight
     file changes the fingerprint; results cached under the old one are never reused for it.
     """
-    import hashlib
 
     if spec is None:
         return None
@@ -250,7 +251,6 @@ def require_json_record(path: str | Path, required: dict[str, type | tuple[type,
                         fix: str = "delete it and rerun") -> dict[str, Any]:
     """The JSON object in ``path`` with the ``required`` fields, or a :class:`~coerasing.errors.CoErasingError`
     naming the file, what is wrong and ``fix`` (what the user does about it)."""
-    from .errors import CoErasingError
 
     problem = record_problem(path, required)
     if problem is not None:

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+import tempfile
 import types
 import typing
 from dataclasses import MISSING, Field, field, fields
@@ -244,8 +246,6 @@ def _writable(folder: Path) -> str | None:
 
     Permission bits are not enough: root passes ``os.access`` on read-only and virtual filesystems.
     """
-    import os
-    import tempfile
 
     if not os.access(folder, os.W_OK | os.X_OK):
         return "it is not writable"

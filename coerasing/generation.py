@@ -45,7 +45,7 @@ from .errors import CoErasingError
 from .files import atomic_write, atomic_write_json, atomic_write_text, record_problem, remove_stale_temps
 from .formats import load_unet_checkpoint_into
 from .images import open_rgb_strict
-from .models import _from_pretrained, check_mixed_precision, parse_device, resolve_dtype
+from .models import check_mixed_precision, load_component, parse_device, resolve_dtype
 
 #: Guidance when neither the flag nor the row gives one (SD's usual 7.5).
 DEFAULT_GUIDANCE = 7.5
@@ -143,7 +143,7 @@ def load_generation_pipeline(ckpt_path: str, device: torch.device, dtype: torch.
     """The base SD pipeline with the safety checker off (it would blank the concept's images)."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = _from_pretrained(
+    pipe = load_component(
         StableDiffusionPipeline, ckpt_path, None, "--ckpt_path",
         safety_checker=None, requires_safety_checker=False, dtype=dtype,
     )

@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -75,7 +76,6 @@ def to_rgb(image: Image.Image, where: str = "the image") -> Image.Image:
     is what PIL's plain ``convert("RGB")`` does); float images must hold values in [0, 1] or
     [0, 255]. Animated images use their first frame.
     """
-    import numpy as np
 
     mode = image.mode
     if mode == "RGB":
@@ -215,7 +215,6 @@ def invalid_images(images: Any) -> Any:
     ``images``: an array ``[N, H, W, C]`` (uint8 or float) or a sequence of PIL images. Returns a bool
     array ``[N]``.
     """
-    import numpy as np
 
     if not isinstance(images, np.ndarray):
         images = [np.asarray(to_rgb(image) if isinstance(image, Image.Image) else image) for image in images]

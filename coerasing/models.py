@@ -181,7 +181,7 @@ def check_model_path(spec: str, flag: str = "--ckpt_path") -> None:
         )
 
 
-def _from_pretrained(cls: Any, spec: str, subfolder: str | None, flag: str, **kwargs: Any) -> Any:
+def load_component(cls: Any, spec: str, subfolder: str | None, flag: str, **kwargs: Any) -> Any:
     check_model_path(spec, flag)
     local = Path(spec).expanduser()
     source = str(local) if local.is_dir() else spec
@@ -237,15 +237,15 @@ def load_clip_tokenizer() -> CLIPTokenizer:
 
 def load_text_components(ckpt_path: str, device: torch.device, dtype: torch.dtype) -> TextComponents:
     """Load the tokenizer and frozen text encoder of ``ckpt_path``."""
-    tokenizer = _from_pretrained(CLIPTokenizer, ckpt_path, "tokenizer", "--ckpt_path")
-    text_encoder = _from_pretrained(CLIPTextModel, ckpt_path, "text_encoder", "--ckpt_path", dtype=dtype)
+    tokenizer = load_component(CLIPTokenizer, ckpt_path, "tokenizer", "--ckpt_path")
+    text_encoder = load_component(CLIPTextModel, ckpt_path, "text_encoder", "--ckpt_path", dtype=dtype)
     text_encoder.requires_grad_(False).eval().to(device)
     return TextComponents(tokenizer, text_encoder)
 
 
 def load_unet(ckpt_path: str, device: torch.device, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
     """Load the UNet of ``ckpt_path`` on ``device``."""
-    unet = _from_pretrained(UNet2DConditionModel, ckpt_path, "unet", "--ckpt_path", dtype=dtype)
+    unet = load_component(UNet2DConditionModel, ckpt_path, "unet", "--ckpt_path", dtype=dtype)
     return unet.to(device)
 
 

@@ -10,6 +10,7 @@ tokenizer shipped in ``coerasing/assets/clip_tokenizer``.
 
 from __future__ import annotations
 
+import argparse
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,7 +295,6 @@ def make_reference_images(folder: str | Path, n: int, size: int = 64, seed: int 
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m coerasing.testing OUT [--images N]``: build the tiny stack (and reference images)."""
-    import argparse
 
     parser = argparse.ArgumentParser(prog="python -m coerasing.testing", description=main.__doc__)
     parser.add_argument("out", help="folder to write the stack into")

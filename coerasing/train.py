@@ -79,7 +79,7 @@ ANCHOR_SEED_OFFSET = 1_000_003
 RUN_FILES = ("run.json", ckpt.TRAIN_STATE, "unet.pth", "loss.csv")
 
 
-def _randint(high: int, generator: torch.Generator) -> int:
+def random_index(high: int, generator: torch.Generator) -> int:
     return int(torch.randint(high, (1,), generator=generator))
 
 
@@ -120,7 +120,7 @@ class ConceptImageTokens:
     def sample(self, generator: torch.Generator) -> torch.Tensor:
         """``c_img`` of one reference image (or pair), ``[1, N, d]``."""
         if self.tokens is not None:  # one projected image (or the averaged pair direction)
-            tokens = self.tokens[_randint(len(self.tokens), generator)][None]
+            tokens = self.tokens[random_index(len(self.tokens), generator)][None]
         else:
             size = min(self.config.contrastive_size, len(self.embeds))
             order = torch.randperm(len(self.embeds), generator=generator)[:size]
@@ -389,7 +389,7 @@ class Eraser:
     def sample_conditioning(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The concept's conditioning of this iteration: one erase prompt's states ``c`` and, in
         stage 2, one reference image's tokens ``c_img`` (§4 step 1, §5 steps 1–3)."""
-        prompt_states = self.prompt_states[_randint(len(self.prompt_states), self.generator)]
+        prompt_states = self.prompt_states[random_index(len(self.prompt_states), self.generator)]
         image_tokens = self.image_tokens.sample(self.generator) if self.image_tokens is not None else None
         return prompt_states, image_tokens
 
@@ -439,7 +439,7 @@ class Eraser:
     def preservation(self, latents: torch.Tensor, t: int) -> torch.Tensor:
         """``‖ε_θ(z, t, c_a) − ε_ref(z, t, c_a)‖²`` for one anchor drawn from its own stream, on the
         iteration's partial latent, both text-only (no image tokens) (docs/method.md Eq. 9)."""
-        anchor = self.preserve_states[_randint(len(self.preserve_states), self.anchor_generator)]
+        anchor = self.preserve_states[random_index(len(self.preserve_states), self.anchor_generator)]
         reference = self.anchor_reference(latents, t, anchor)
         noise_pred = self.trained_prediction(latents, t, anchor, None)
         self.last.update(anchor_pred=noise_pred.detach(), anchor_reference=reference)

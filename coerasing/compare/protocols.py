@@ -16,6 +16,7 @@ chosen checkpoint (:mod:`coerasing.eval.attacks`, through their one resumable lo
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -320,7 +321,6 @@ class PromptSetProtocol(EvaluationProtocol):
                 "invalid": rate(int(invalid.sum()), len(rows))}
 
     def _clip_score(self, runtime: Runtime, split: str) -> float:
-        import tempfile
 
 
         coco = self.rows("coco_10k", split)[: int(self.evaluation.get("coco_images", 64))]

@@ -36,6 +36,7 @@ NudeNet and onnxruntime are optional extras, imported only when a NudeNet detect
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import logging
@@ -43,6 +44,7 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -134,7 +136,6 @@ def detector_names() -> list[str]:
 
 def _import_factory(name: str) -> DetectorFactory:
     """``package.module:function`` → the function (a detector factory outside this package)."""
-    import importlib
 
     module_name, _, attribute = name.partition(":")
     try:
@@ -441,7 +442,6 @@ class NudeNet34Detector:
     name = "nudenet-3.4"
 
     def __init__(self, threshold: float = NUDITY_THRESHOLD):
-        from importlib.metadata import PackageNotFoundError, version
 
         install = ("pip install 'nudenet>=3.4,<3.5' onnxruntime (its license files are AGPL-3.0, and its 320n.onnx "
                    "is an Ultralytics export, AGPL-3.0)")

@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 
 from ..errors import CoErasingError
@@ -182,7 +183,6 @@ def clip_score(
     images_dir: str | Path, prompts: Mapping[str, str], clip_model: str | None, batch_size: int = 32
 ) -> float:
     """Mean cosine similarity of CLIP image and text embeddings (the 0.30-scale "CLIP score" of docs/method.md §8)."""
-    import torch
     from transformers import CLIPModel, CLIPProcessor
 
     if not clip_model:

@@ -49,7 +49,7 @@ from ..images import list_image_files, load_images
 from ..ip_adapter import unet_noise_pred
 from ..models import load_text_components, parse_devices
 from ..textual_inversion import TextualInversionSettings, learn_token, load_token, save_token
-from ..train import Eraser, _randint
+from ..train import Eraser, random_index
 from .base import CurvePoint, Method, TraceContext, TrainingWorld
 from .concepts import concept_kind, toy_training_captions
 
@@ -213,8 +213,8 @@ class CompositionalEraser(Eraser):
         self.anchor: torch.Tensor | None = None
 
     def sample_conditioning(self) -> tuple[torch.Tensor, None]:
-        self.anchor = self.anchor_states[_randint(len(self.anchor_states), self.generator)]
-        return self.prompt_states[_randint(len(self.prompt_states), self.generator)], None
+        self.anchor = self.anchor_states[random_index(len(self.anchor_states), self.generator)]
+        return self.prompt_states[random_index(len(self.prompt_states), self.generator)], None
 
     @torch.inference_mode()
     def target(self, latents: torch.Tensor, t: int, prompt_states: torch.Tensor,

@@ -14,7 +14,7 @@ from ...errors import CoErasingError
 from .config import FORMAT
 
 
-def _uniform(shape: Sequence[int], bound: float, generator: torch.Generator) -> torch.Tensor:
+def uniform_tensor(shape: Sequence[int], bound: float, generator: torch.Generator) -> torch.Tensor:
     """``U(-bound, bound)`` drawn from ``generator`` (CPU)."""
     return (torch.rand(*shape, generator=generator, dtype=torch.float32) * 2 - 1) * bound
 
@@ -43,9 +43,9 @@ class ResAG(nn.Module):
         text_dim, gate_dim = self.to_q.shape
         bound = 1.0 / math.sqrt(text_dim * gate_dim) / text_dim**2
         with torch.no_grad():
-            self.to_q.copy_(_uniform(self.to_q.shape, bound, generator))
+            self.to_q.copy_(uniform_tensor(self.to_q.shape, bound, generator))
             if self.to_k is not None:
-                self.to_k.copy_(_uniform(self.to_k.shape, bound, generator))
+                self.to_k.copy_(uniform_tensor(self.to_k.shape, bound, generator))
             self.to_gate.zero_()
 
     def forward(self, text_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +79,7 @@ class ConceptEraser(nn.Module):
         self.gate.reset_parameters(generator)
         _, text_dim, rank = self.down.shape
         with torch.no_grad():
-            self.down.copy_(_uniform(self.down.shape, 1.0 / math.sqrt(text_dim * rank), generator))
+            self.down.copy_(uniform_tensor(self.down.shape, 1.0 / math.sqrt(text_dim * rank), generator))
             for up in self.up:
                 up.zero_()
 

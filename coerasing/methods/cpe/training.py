@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ...checkpoints import CsvLog, claim_run_folder, write_run_json
 from ...errors import CoErasingError, NonFiniteLossError
@@ -20,7 +21,7 @@ from ..base import ARTIFACT_FILE
 from .config import ENCODE_BATCH, FIRST_STAGE_CYCLES, LOSS_FILE, TRAIN_STATE_FILE, CPEConfig
 from .io import load_cpe, save_cpe, stage_artifacts
 from .loss import ProjectionBank, gap_loss, quadratic_form
-from .modules import ConceptEraser, CPELayout, _uniform
+from .modules import ConceptEraser, CPELayout, uniform_tensor
 from .prompts import default_anchors, default_templates, read_prompt_list
 
 
@@ -61,7 +62,8 @@ def sample_anchors(anchors: torch.Tensor, count: int, noise: float, generator: t
 
 def _perturbation_init(count: int, text_length: int, text_dim: int, generator: torch.Generator) -> torch.Tensor:
     """Fresh attack perturbations, as the official code: U(±1/√(T·d)) / d², i.e. about zero."""
-    return _uniform((count, text_length, text_dim), 1.0 / math.sqrt(text_length * text_dim) / text_dim**2, generator)
+    bound = 1.0 / math.sqrt(text_length * text_dim) / text_dim**2
+    return uniform_tensor((count, text_length, text_dim), bound, generator)
 
 
 def _optimizer(params: Sequence[torch.Tensor], lr: float, warmup: int, steps: int, cycles: int) -> tuple[Any, Any]:
@@ -362,7 +364,6 @@ def train_cpe(config: CPEConfig) -> Path:
 
 def _train(config: CPEConfig, device: torch.device) -> Path:
     """:func:`train_cpe` after the config is resolved and the device chosen."""
-    from tqdm.auto import tqdm
 
 
     folder = config.run_folder()

@@ -21,7 +21,7 @@ CROSS_INJECT, CROSS_EXTEND, SELF_COPY = "cross-inject", "cross-extend", "self-co
 #: Batch layouts: classifier-free guidance ``[uncond…, cond…]``, or every row conditional.
 CFG, COND = "cfg", "cond"
 #: Processors GIE may replace (anything else, e.g. IP-Adapter's, would be lost silently).
-_REPLACEABLE = ("AttnProcessor", "AttnProcessor2_0")
+REPLACEABLE_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0")
 
 
 @dataclass

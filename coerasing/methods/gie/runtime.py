@@ -9,10 +9,10 @@ import numpy as np
 import torch
 
 from ...errors import CoErasingError
-from ...generation import seeded_generators
+from ...generation import finish_images, seeded_generators
 from ..base import Artifact, Runtime
 from .adapter import GIEAdapter
-from .config import _REPLACEABLE, CFG, COND, METHOD_NAME, GIEConfig
+from .config import CFG, COND, METHOD_NAME, REPLACEABLE_PROCESSORS, GIEConfig
 from .processors import GIEAttnProcessor, GIEController
 
 
@@ -52,7 +52,7 @@ class GIERuntime(Runtime):
         self.fixed_w = config.w
         self.adapter = adapter
         self._original = dict(unet.attn_processors)
-        foreign = sorted({type(p).__name__ for p in self._original.values()} - set(_REPLACEABLE))
+        foreign = sorted({type(p).__name__ for p in self._original.values()} - set(REPLACEABLE_PROCESSORS))
         if GIEAttnProcessor.__name__ in foreign:
             raise CoErasingError("GIE is already applied to this pipeline; close() that runtime first.")
         if foreign:
@@ -194,7 +194,6 @@ class GIERuntime(Runtime):
 
         ``output_type="np"`` gives ``[B, H, W, 3]`` uint8, as :meth:`Runtime.render`.
         """
-        from ...generation import finish_images
 
         images = self.render_pairs(seeds, guidance, height, width, num_inference_steps, prompts, prompt_embeds,
                                    "np")[1]
