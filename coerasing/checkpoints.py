@@ -50,16 +50,6 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
         ) from exc
 
 
-def latest_periodic_checkpoint(folder: str | Path) -> tuple[int, Path] | None:
-    """The newest ``unet_<iter>.pth`` in ``folder`` as (iteration, path), if any."""
-    found = []
-    for path in Path(folder).glob("unet_*.pth"):
-        match = _PERIODIC.match(path.name)
-        if match:
-            found.append((int(match.group(1)), path))
-    return max(found) if found else None
-
-
 # ----------------------------------------------------------------------------------------------
 # Run metadata and loss log
 

@@ -43,7 +43,6 @@ from .checkpoints import write_run_json
 from .choices import SCHEDULERS
 from .errors import CoErasingError
 from .files import atomic_write, atomic_write_json, atomic_write_text, record_problem, remove_stale_temps
-from .formats import load_unet_checkpoint_into
 from .images import open_rgb_strict
 from .models import check_mixed_precision, load_component, parse_device, resolve_dtype
 
@@ -150,19 +149,6 @@ def load_generation_pipeline(ckpt_path: str, device: torch.device, dtype: torch.
     pipe.set_progress_bar_config(disable=True)
     set_scheduler(pipe, scheduler)
     return pipe.to(device)
-
-
-def load_eval_pipeline(
-    ckpt_path: str, unet: str | None, device: torch.device, dtype: torch.dtype, scheduler: str = "default"
-) -> Any:
-    """The base SD pipeline with an erased UNet checkpoint (any format) loaded strictly, if given.
-
-    (Any method's artifact, add-ons included: :func:`coerasing.methods.load_runtime`.)
-    """
-    pipe = load_generation_pipeline(ckpt_path, device, dtype, scheduler)
-    if unet:
-        print(f"erased UNet {unet}: {load_unet_checkpoint_into(pipe.unet, unet, '--unet')}")
-    return pipe
 
 
 def default_size(pipe: Any) -> int:

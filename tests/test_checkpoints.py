@@ -44,13 +44,6 @@ def test_saved_unet_loads_strictly_into_a_plain_pipeline_and_generates(tiny_stac
     assert formats.load_unet_checkpoint_into(pipe.unet, path) == formats.FULL_TORCH
 
 
-def test_latest_periodic_checkpoint(tmp_path):
-    assert ckpt.latest_periodic_checkpoint(tmp_path) is None
-    for name in ("unet_5.pth", "unet_20.pth", "unet_100.pth", "unet.pth", "unet_x.pth"):
-        (tmp_path / name).write_bytes(b"")
-    assert ckpt.latest_periodic_checkpoint(tmp_path) == (100, tmp_path / "unet_100.pth")
-
-
 def test_run_json_records_versions(tmp_path):
     import json
 

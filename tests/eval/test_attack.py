@@ -10,7 +10,7 @@ from PIL import Image
 
 from coerasing.eval import attack as A
 from coerasing.eval.prompts import PromptRow
-from coerasing.generation import GenerationSettings, load_eval_pipeline
+from coerasing.generation import GenerationSettings, load_generation_pipeline
 
 from .conftest import ScriptedDetector
 
@@ -20,7 +20,7 @@ PROMPT = "a photo of a cat"
 
 @pytest.fixture(scope="module")
 def pipe(tiny_stack):
-    return load_eval_pipeline(str(tiny_stack.sd_path), None, CPU, torch.float32)
+    return load_generation_pipeline(str(tiny_stack.sd_path), CPU, torch.float32)
 
 
 @pytest.fixture(scope="module")

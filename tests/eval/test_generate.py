@@ -14,7 +14,8 @@ from PIL import Image
 
 from coerasing.errors import CoErasingError
 from coerasing.eval.prompts import load_prompts
-from coerasing.generation import GenerationSettings, generate_images, load_eval_pipeline, plan_batches
+from coerasing.generation import GenerationSettings, generate_images, load_generation_pipeline, plan_batches
+from coerasing.methods import load_runtime
 
 from ..conftest import REPO_ROOT
 
@@ -24,7 +25,7 @@ STEPS = 3
 
 @pytest.fixture(scope="module")
 def pipe(tiny_stack):
-    return load_eval_pipeline(str(tiny_stack.sd_path), None, CPU, torch.float32)
+    return load_generation_pipeline(str(tiny_stack.sd_path), CPU, torch.float32)
 
 
 def _run(rows, folder, pipe, batch_size, loads=None):
@@ -84,15 +85,15 @@ def test_batches_group_rows_with_the_same_call_settings(rows_csv):
 
 
 def test_erased_unet_is_loaded_in_any_format(tiny_stack, tmp_path):
-    base = load_eval_pipeline(str(tiny_stack.sd_path), None, CPU, torch.float32)
+    base = load_generation_pipeline(str(tiny_stack.sd_path), CPU, torch.float32)
     state = {k: v + 0.01 for k, v in base.unet.state_dict().items()}
     torch.save({"state_dict": state}, tmp_path / "erased.pt")
-    erased = load_eval_pipeline(str(tiny_stack.sd_path), str(tmp_path / "erased.pt"), CPU, torch.float32)
+    erased = load_runtime(str(tiny_stack.sd_path), str(tmp_path / "erased.pt"), CPU, torch.float32, flag="--unet").pipe
     key = "conv_in.weight"
     assert torch.equal(erased.unet.state_dict()[key], state[key])
     torch.save({"foo": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(CoErasingError, match="--unet"):
-        load_eval_pipeline(str(tiny_stack.sd_path), str(tmp_path / "bad.pth"), CPU, torch.float32)
+        load_runtime(str(tiny_stack.sd_path), str(tmp_path / "bad.pth"), CPU, torch.float32, flag="--unet")
 
 
 def test_lms_without_scipy_is_a_clear_error(tiny_stack):
@@ -101,7 +102,7 @@ def test_lms_without_scipy_is_a_clear_error(tiny_stack):
     if importlib.util.find_spec("scipy") is not None:
         pytest.skip("scipy is installed")
     with pytest.raises(CoErasingError, match="pip install scipy"):
-        load_eval_pipeline(str(tiny_stack.sd_path), None, CPU, torch.float32, scheduler="lms")
+        load_generation_pipeline(str(tiny_stack.sd_path), CPU, torch.float32, scheduler="lms")
 
 
 @pytest.mark.slow
