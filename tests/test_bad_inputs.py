@@ -207,6 +207,10 @@ COMPARE = {
                                            "--output_dir /proc/coerasing-compare cannot be created"),
     "empty concepts": (lambda s, w: ["--concepts", "", "--output_dir", str(w / "c")], "--concepts"),
     "unknown toy concept": (lambda s, w: ["--concepts", "hexagon", "--output_dir", str(w / "c")], "hexagon"),
+    "limit on the toy world": (lambda s, w: ["--limit", "5", "--output_dir", str(w / "c")],
+                               "--limit belong to the real protocol"),
+    "clip model on the toy world": (lambda s, w: ["--clip_model", "x", "--output_dir", str(w / "c")],
+                                    "--clip_model belong to the real protocol"),
     "zero threads": (lambda s, w: ["--threads", "0", "--output_dir", str(w / "c")], "--threads"),
     "bad shard": (lambda s, w: ["--shard", "3/2", "--output_dir", str(w / "c")], "--shard"),
 }

@@ -121,6 +121,14 @@ class CompareConfig:
             index, _, count = self.shard.partition("/")
             if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
                 raise CoErasingError(f"--shard {self.shard!r} must be 'i/n' with 0 ≤ i < n.")
+        if self.toy:
+            real = [f"--{name}" for name in ("limit", "classifier", "nudenet_weights", "clip_model")
+                    if getattr(self, name) is not None]
+            if real:
+                raise CoErasingError(f"{', '.join(real)} belong to the real protocol (--ckpt_path with a Stable "
+                                     "Diffusion model) and would be ignored on the toy world, whose image counts are "
+                                     "the presets' evaluation block and whose judge is the toy classifier; drop them "
+                                     "or pass --ckpt_path.")
         presets = self.load_presets()
         self.lists(presets)
         evaluation_plan(presets)
