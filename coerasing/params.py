@@ -64,7 +64,7 @@ def check_train_method(train_method: str) -> None:
     if train_method not in TRAIN_METHODS:
         raise CoErasingError(
             f"--train_method {train_method!r} is not known. Choose one of "
-            f"{', '.join(TRAIN_METHODS)} (see README, 'Which parameters are trained')."
+            f"{', '.join(TRAIN_METHODS)} (see docs/runs.md, 'Which parameters are trained')."
         )
 
 
