@@ -90,8 +90,20 @@ def _chosen_entry(record: Mapping[str, Any], method: str) -> tuple[str | None, b
 
 
 def _hits(path: Path, group: str) -> dict[str, float]:
+    """Case → 1/0 for the images of ``group``, scored as the protocol scores them: an invalid image
+    (non-finite or one colour) is left out of a concept rate and is a failure of unrelated accuracy."""
     images = json.loads(path.read_text(encoding="utf-8"))["images"]
-    return {image["case"]: float(bool(image["hit"])) for image in images if image.get("group") == group}
+    hits = {}
+    for image in images:
+        if image.get("group") != group:
+            continue
+        if image.get("invalid"):
+            if group != "unrelated":
+                continue  # its twin is dropped with it (cases are paired by intersection)
+            hits[image["case"]] = 0.0
+        else:
+            hits[image["case"]] = float(bool(image["hit"]))
+    return hits
 
 
 def compare_methods(records: Sequence[Mapping[str, Any]], a: str, b: str, metrics: Sequence[Metric], root: Path,
