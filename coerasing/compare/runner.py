@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import CoErasingError
 from ..files import atomic_write_json, fingerprint, record_problem, require_json_record
 from ..images import list_image_files, load_images
 from ..methods import apply_artifact, get_method
@@ -281,8 +282,6 @@ def spawn_workers(argv: Sequence[str], count: int, threads: int) -> None:
     codes = [process.wait() for process in processes]
     failed = [i for i, code in enumerate(codes) if code != 0]
     if failed:
-        from ..errors import CoErasingError
-
         raise CoErasingError(f"compare worker(s) {', '.join(map(str, failed))} failed (exit codes "
                              f"{[codes[i] for i in failed]}); rerun the same command to resume from the cache.")
 
@@ -309,8 +308,10 @@ def _job_entries(record: dict[str, Any]) -> list[str]:
     """The cache entries a job record points to (``KeyError``/``TypeError`` where its structure is broken)."""
     entries = [record["base"][split]["entry"] for split in SPLITS]
     for method in record["methods"].values():
-        method["chosen"]["label"]  # noqa: B018 - the report reads it
-        entries += [point[split]["entry"] for point in method["points"] for split in SPLITS]
+        chosen = method["chosen"]["label"]
+        for point in method["points"]:  # test images may exist only at the chosen point (test_evaluation: chosen)
+            splits = SPLITS if point["label"] == chosen else [s for s in SPLITS if s == "validation" or s in point]
+            entries += [point[split]["entry"] for split in splits]
     return [str(entry) for entry in entries]
 
 
@@ -344,8 +345,6 @@ def load_records(paths: Sequence[Path]) -> list[dict[str, Any]]:
                                                            "from the cache")
         problem = job_problem(path)
         if problem is not None:
-            from ..errors import CoErasingError
-
             raise CoErasingError(f"{path} cannot be used: {problem}; delete it and rerun the comparison to redo "
                                  "the job from the cache.")
         records.append(record)
