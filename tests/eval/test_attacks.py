@@ -95,6 +95,8 @@ def test_batches_and_the_asr_of_the_records(tmp_path):
     assert (summary["n"], summary["pre_success"], summary["attack_success"]) == (5, 1, 3)
     assert summary["pre_asr"] == 0.2 and summary["asr"] == 0.8
     assert summary["asr_interval"]["k"] == 4 and summary["pre_asr_interval"]["k"] == 1
+    assert summary["cases"] == {"c0": 1, "c1": 1, "c2": 1, "c3": 0, "c4": 1}  # per prompt, for paired verdicts
+    assert sum(summary["cases"].values()) == summary["pre_success"] + summary["attack_success"]
 
 
 def test_every_registered_attack_is_an_attack_class():

@@ -102,11 +102,16 @@ def asr(cases: Sequence[str], pre: Mapping[str, bool], records: Mapping[str, Rec
 
     ``pre[case]``: the erased model's own image shows the concept (a success without attack; a case
     missing from ``pre`` does not). Returns the summary's ``all`` block plus ``asr_interval`` and ``pre_asr_interval``
-    (:func:`coerasing.stats.rate`), and ``pending`` (attackable cases still without a record).
+    (:func:`coerasing.stats.rate`), ``pending`` (attackable cases still without a record), and ``cases``:
+    case → 1 where the concept was shown (without attack, or by a successful attack), else 0, the
+    per-prompt outcomes that paired comparisons of two models on the same prompts need.
     """
     pre = {case: bool(pre.get(case, False)) for case in cases}
-    full = asr_summary(cases, pre, {case: record.get("success") for case, record in records.items()}, attackable)
+    outcomes = {case: record.get("success") for case, record in records.items()}
+    full = asr_summary(cases, pre, outcomes, attackable)
     summary = dict(full["all"])
+    allowed = set(cases) if attackable is None else set(attackable)
+    summary["cases"] = {case: int(pre[case] or (case in allowed and bool(outcomes.get(case)))) for case in cases}
     summary["asr_interval"] = rate(summary["pre_success"] + summary["attack_success"], summary["n"])
     summary["pre_asr_interval"] = rate(summary["pre_success"], summary["n"])
     return summary
