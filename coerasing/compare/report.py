@@ -36,7 +36,7 @@ from ..stats import mean_spread, rate
 from .cache import npz_problem
 from .metrics import Metric, declarations, rule_score
 from .select import Candidate, selection_agrees
-from .verdicts import verdict_markdown, verdict_table
+from .verdicts import concept_verdicts, verdict_markdown, verdict_table
 
 #: (line style, marker) per method, so that curves sharing checkpoints (ESD and its equal-compute run) stay visible;
 #: the star is the base model's alone.
@@ -417,7 +417,12 @@ def write_results(folder: str | Path, records: Sequence[dict[str, Any]], methods
     folder = Path(folder)
     summary = summarize(records, methods, metrics)
     reference = "coerasing" if "coerasing" in methods else methods[0]
-    verdicts = verdict_table(records, reference, methods, metrics, folder)
+    judged = (*metrics, *ATTACK_METRICS)
+    verdicts = verdict_table(records, reference, methods, judged, folder)
+    by_concept = concept_verdicts(records, reference, methods, judged, folder)
+    verdict_lines = verdict_markdown(verdicts, reference, judged)
+    for concept, table in by_concept.items():
+        verdict_lines += verdict_markdown(table, reference, judged, f"### {concept}", note=False)
     rows = csv_rows(records, metrics)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
@@ -427,10 +432,11 @@ def write_results(folder: str | Path, records: Sequence[dict[str, Any]], methods
         "csv": atomic_write_text(folder / "results.csv", buffer.getvalue()),
         "json": atomic_write_json(folder / "results.json", {
             **info, "metrics": declarations(metrics), "summary": summary,
-            "verdicts": {"reference": reference, "against": verdicts}, "jobs": list(records)}),
+            "verdicts": {"reference": reference, "against": verdicts, "by_concept": by_concept},
+            "jobs": list(records)}),
         "md": atomic_write_text(folder / "results.md",
                                 markdown(summary, methods, info.get("header", "# Comparison"), metrics) + "\n"
-                                + "\n".join(verdict_markdown(verdicts, reference, metrics))),
+                                + "\n".join(verdict_lines)),
     }
     for concept in summary["concepts"]:
         plot_concept(records, methods, concept, folder / f"plot_{concept}.png", metrics)

@@ -12,6 +12,10 @@ A verdict is *better* or *worse* only when the interval excludes zero (in the me
 direction); otherwise *no difference*. Cells (concept × seed) where either method's point is the
 rule's fallback are left out, as in the headline tables; a method that does not depend on the
 training seed simply has equal rows, which resampling seeds leaves as they are.
+
+Attacks are paired the same way: each attack result in a job record keeps its per-prompt outcomes
+(``cases``: 1 where the concept was shown, without attack or by it), and both methods were attacked
+on the same prompts and seeds. Verdicts are given overall (the mean over concepts) and per concept.
 """
 
 from __future__ import annotations
@@ -106,25 +110,55 @@ def _hits(path: Path, group: str) -> dict[str, float]:
     return hits
 
 
-def compare_methods(records: Sequence[Mapping[str, Any]], a: str, b: str, metrics: Sequence[Metric], root: Path,
-                    replicates: int = REPLICATES) -> list[Verdict]:
-    """A − B for every rate metric whose images carry their group (the per-image evidence), paired.
+#: Where a job record keeps an attack metric's result when its key is not the metric's name.
+ATTACK_RECORD_KEYS = {"asr": "attack"}
 
-    ``root``: the output folder the records' evaluation entries are relative to.
+
+def attack_outcomes(method_record: Mapping[str, Any], metric: str) -> dict[str, float] | None:
+    """Case → 1/0 of an attack metric at a method's chosen point (``None`` where the record has none).
+
+    The result is read from ``method_record[key]`` or ``method_record["attacks"][key]`` (``key``: the
+    metric's name, or :data:`ATTACK_RECORD_KEYS`'s entry for it); its ``cases`` are the per-prompt
+    outcomes that :func:`coerasing.eval.attacks.asr` keeps."""
+    key = ATTACK_RECORD_KEYS.get(metric, metric)
+    result = method_record.get(key)
+    if not isinstance(result, Mapping):
+        result = (method_record.get("attacks") or {}).get(key)
+    cases = result.get("cases") if isinstance(result, Mapping) else None
+    if not isinstance(cases, Mapping):
+        return None
+    return {str(case): float(bool(hit)) for case, hit in cases.items()}
+
+
+def _outcomes(record: Mapping[str, Any], method: str, metric: Metric, root: Path) -> dict[str, float] | None:
+    """Case → outcome of ``metric`` at ``method``'s chosen point; ``None`` for a fallback point or no evidence."""
+    entry, qualified = _chosen_entry(record, method)
+    if not qualified:
+        return None
+    if metric.group == "attack":
+        return attack_outcomes(record["methods"][method], metric.name)
+    return _hits(root / entry, metric.name) if entry else None
+
+
+def compare_methods(records: Sequence[Mapping[str, Any]], a: str, b: str, metrics: Sequence[Metric], root: Path,
+                    replicates: int = REPLICATES, concept: str | None = None) -> list[Verdict]:
+    """A − B for every rate metric with per-image (or, for attacks, per-prompt) evidence, paired.
+
+    ``root``: the output folder the records' evaluation entries are relative to. ``concept``: one
+    concept only (default: every concept, the difference averaged over them).
     """
     verdicts = []
-    concepts = sorted({r["concept"] for r in records})
+    concepts = sorted({r["concept"] for r in records} if concept is None else {concept})
     for metric in metrics:
         if not metric.percent:
             continue
         pairs, cells, images = [], 0, 0
-        for concept in concepts:
+        for name in concepts:
             rows_a, rows_b = [], []
-            for record in sorted((r for r in records if r["concept"] == concept), key=lambda r: r["seed"]):
-                (entry_a, ok_a), (entry_b, ok_b) = _chosen_entry(record, a), _chosen_entry(record, b)
-                if not (ok_a and ok_b and entry_a and entry_b):
+            for record in sorted((r for r in records if r["concept"] == name), key=lambda r: r["seed"]):
+                hits_a, hits_b = _outcomes(record, a, metric, root), _outcomes(record, b, metric, root)
+                if hits_a is None or hits_b is None:
                     continue
-                hits_a, hits_b = _hits(root / entry_a, metric.name), _hits(root / entry_b, metric.name)
                 cases = sorted(set(hits_a) & set(hits_b))
                 if not cases:
                     continue
@@ -143,20 +177,27 @@ def compare_methods(records: Sequence[Mapping[str, Any]], a: str, b: str, metric
 
 
 def verdict_table(records: Sequence[Mapping[str, Any]], reference: str, methods: Sequence[str],
-                  metrics: Sequence[Metric], root: Path) -> dict[str, list[dict[str, Any]]]:
-    """``reference`` against every other method: ``{other: [Verdict as a dict, …]}``."""
-    return {other: [asdict(v) for v in compare_methods(records, reference, other, metrics, root)]
+                  metrics: Sequence[Metric], root: Path, concept: str | None = None) -> dict[str, list[dict[str, Any]]]:
+    """``reference`` against every other method: ``{other: [Verdict as a dict, …]}`` (one concept, or all)."""
+    return {other: [asdict(v) for v in compare_methods(records, reference, other, metrics, root, concept=concept)]
             for other in methods if other != reference}
 
 
+def concept_verdicts(records: Sequence[Mapping[str, Any]], reference: str, methods: Sequence[str],
+                     metrics: Sequence[Metric], root: Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """:func:`verdict_table` for each concept on its own: ``{concept: {other: [Verdict as a dict, …]}}``."""
+    return {concept: verdict_table(records, reference, methods, metrics, root, concept)
+            for concept in sorted({r["concept"] for r in records})}
+
+
 def verdict_markdown(table: Mapping[str, Sequence[Mapping[str, Any]]], reference: str,
-                     metrics: Sequence[Metric]) -> list[str]:
+                     metrics: Sequence[Metric], title: str | None = None, note: bool = True) -> list[str]:
     """results.md's verdict section: one row per other method, one cell per metric."""
     names = [m.name for m in metrics if any(v["metric"] == m.name for rows in table.values() for v in rows)]
     if not names:
         return []
     by_name = {m.name: m for m in metrics}
-    lines = [f"## Paired verdicts: {reference} − each method (test prompts, chosen points)", "",
+    lines = [title or f"## Paired verdicts: {reference} − each method (test prompts, chosen points)", "",
              "| method | " + " | ".join(by_name[n].heading for n in names) + " |",
              "|---|" + "---|" * len(names)]
     for other, rows in table.items():
@@ -170,8 +211,11 @@ def verdict_markdown(table: Mapping[str, Sequence[Mapping[str, Any]]], reference
             say = "no difference" if row["verdict"] == "no difference" else f"{reference} {row['verdict']}"
             text.append(f"{100 * row['difference']:+.1f} [{100 * row['low']:+.1f}, {100 * row['high']:+.1f}] {say}")
         lines.append(f"| {other} | " + " | ".join(text) + " |")
-    lines += ["", f"Difference of rates in points ({reference} minus the method), with its 95 % paired bootstrap "
-              "interval over concepts, training seeds and images (same prompts and image seeds for both); "
-              f"'{reference} better/worse' only where the interval excludes zero, else no difference. Cells where "
-              "either method's point is the rule's fallback are left out.", ""]
+    lines.append("")
+    if note:
+        lines += [f"Difference of rates in points ({reference} minus the method), with its 95 % paired bootstrap "
+                  "interval over concepts, training seeds and images (same prompts and image seeds for both; for "
+                  "an attack, its prompts: the concept shown without attack or by it); "
+                  f"'{reference} better/worse' only where the interval excludes zero, else no difference. Cells where "
+                  "either method's point is the rule's fallback are left out.", ""]
     return lines

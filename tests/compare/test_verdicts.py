@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 from coerasing.compare.metrics import Metric
-from coerasing.compare.verdicts import compare_methods, paired_bootstrap, verdict_markdown, verdict_of, verdict_table
+from coerasing.compare.verdicts import (
+    attack_outcomes,
+    compare_methods,
+    concept_verdicts,
+    paired_bootstrap,
+    verdict_markdown,
+    verdict_of,
+    verdict_table,
+)
 
 EXPLICIT = Metric("explicit", "explicit", "lower", "erasure", rule="erasure")
 
@@ -85,3 +93,41 @@ def test_job_records_are_paired_by_case_and_fallback_cells_are_left_out(tmp_path
     table = verdict_table(records, "coerasing", ["coerasing", "esd"], [EXPLICIT], tmp_path)
     text = "\n".join(verdict_markdown(table, "coerasing", [EXPLICIT]))
     assert "| esd | -100.0 [-100.0, -100.0] coerasing better |" in text
+
+
+ASR = Metric("asr", "ASR", "lower", "attack")
+
+
+def _attacked(entry, cases, qualified=True):
+    method = _method(entry, qualified)
+    method["attack"] = {"asr": sum(cases.values()) / len(cases), "cases": cases}
+    return method
+
+
+def test_attacks_are_paired_by_prompt_and_judged_per_concept(tmp_path):
+    """An attack's verdict reads each prompt's outcome (``cases``): a known difference of 50 points on
+    circle and none on star gives 25 points overall, and per concept 'better' and 'no difference'."""
+    records = []
+    for concept in ("circle", "star"):
+        for seed in range(2):
+            entry = _entry(tmp_path, f"{concept}{seed}", [0] * 4)
+            ours = {f"explicit-{i}": int(concept == "star" and i % 2) for i in range(20)}
+            theirs = {f"explicit-{i}": i % 2 for i in range(20)}
+            records.append({"concept": concept, "seed": seed, "methods": {
+                "coerasing": _attacked(entry, ours), "esd": _attacked(entry, theirs)}})
+    (overall,) = compare_methods(records, "coerasing", "esd", [ASR], tmp_path, replicates=500)
+    assert overall.difference == pytest.approx(-0.25) and overall.high < 0 and overall.verdict == "better"
+    assert (overall.concepts, overall.cells, overall.images) == (2, 4, 80)
+    by_concept = concept_verdicts(records, "coerasing", ["coerasing", "esd"], [ASR], tmp_path)
+    (circle,), (star,) = by_concept["circle"]["esd"], by_concept["star"]["esd"]
+    assert circle["difference"] == pytest.approx(-0.5) and circle["verdict"] == "better"
+    assert star["difference"] == 0 and star["verdict"] == "no difference"
+    assert attack_outcomes(records[0]["methods"]["esd"], "asr")["explicit-1"] == 1.0
+    assert attack_outcomes({"attacks": {"mma": {"cases": {"a": 0}}}}, "mma") == {"a": 0.0}
+    assert attack_outcomes({"attack": {"asr": 0.5}}, "asr") is None  # a record without per-prompt outcomes
+
+
+def test_an_attack_without_per_prompt_outcomes_is_not_judged(tmp_path):
+    records = [{"concept": "circle", "seed": 0, "methods": {
+        "coerasing": _method(_entry(tmp_path, "a", [0])), "esd": _method(_entry(tmp_path, "b", [1]))}}]
+    assert compare_methods(records, "coerasing", "esd", [ASR], tmp_path, replicates=50) == []
