@@ -156,7 +156,10 @@ def block_schemas(toy: bool) -> dict[str, Schema]:
         "preserve": {"weight": Key(float, low=0, high=1e4, hint=" (λ of coerasing-preserve's stage 2)"),
                      "prompts": Key(str)},
         "rule": {"max_usability_drop": Key(float, low=0, high=0.99, hint=" It is a fraction of the base model's "
-                                           "usability score: 5 points is 0.05.")},
+                                           "usability score: 5 points is 0.05."),
+                 "base_usability_images": Key(int, low=0, high=100_000, hint=" The base model's usability for the "
+                                              "budget is measured once on this many validation images (0: the "
+                                              "validation set's own).")},
     }
     for name in method_names():
         cls = get_method(name).config_class

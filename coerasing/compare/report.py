@@ -5,7 +5,10 @@ Every metric column comes from the protocol's declarations (:class:`~coerasing.c
 
 - ``results.csv``: one row per concept × method × seed × checkpoint (and the base model), with every
   metric on the validation and on the test prompts (a rate: ``<split>_<name>_rate``, ``_k``, ``_n``;
-  a score: ``<split>_<name>``), and whether the row is the chosen operating point.
+  a score: ``<split>_<name>``), and whether the row is the chosen operating point. With the presets'
+  ``rule.base_usability_images``, the base model's rows also hold ``budget_<name>_rate``/``_k``/``_n``:
+  the usability the rule's budget is measured from (a larger validation set; the rule's floor is that
+  rate minus ``max_usability_drop``).
 - ``results.md``: the table a paper would print, per concept and averaged over concepts, at the
   chosen operating points, on **test** prompts only: mean ± standard deviation over training seeds,
   the pooled count with its 95 % interval, and the attack success rates.
@@ -80,6 +83,11 @@ def csv_rows(records: Sequence[dict[str, Any]], metrics: Sequence[Metric]) -> li
                         row[f"{split}_{metric.name}_n"] = block["n"] if block else None
                     else:
                         row[f"{split}_{metric.name}"] = block
+            budget = entry.get("budget") if name == "base" else None
+            if budget:  # the rule's budget: the base model's usability on a larger validation set
+                for metric_name, block in budget["metrics"].items():
+                    row[f"budget_{metric_name}_rate"] = block["rate"]
+                    row[f"budget_{metric_name}_k"], row[f"budget_{metric_name}_n"] = block["k"], block["n"]
             rows.append(row)
     return rows
 

@@ -124,6 +124,26 @@ def attack_point(cache: Cache, protocol: EvaluationProtocol, pipe: Any, concept:
     return cache.json_entry("attacks", payload, compute)
 
 
+def base_budget(cache: Cache, protocol: EvaluationProtocol, pipe: Any, concept: str,
+                images: int) -> dict[str, Any] | None:
+    """The base model's usability on ``images`` validation images, cached once per concept (no training seed):
+    the rule's budget, stable where the validation set's own 48 images would move it by a point an image.
+    ``None`` where the protocol has no such set."""
+    payload = {"benchmark": protocol.evaluation_identity(), "concept": concept, "split": "validation",
+               "budget_images": images, "artifact": "base"}
+
+    def compute() -> dict[str, Any]:
+        runtime = apply_artifact(pipe, None)
+        try:
+            result = protocol.budget_metrics(runtime, concept, images)
+        finally:
+            runtime.close()
+        return result if result is not None else {"metrics": {}}
+
+    entry = cache.json_entry("evals", payload, compute)
+    return entry if entry["metrics"] else None
+
+
 def _summary(entry: dict[str, Any], cache: Cache) -> dict[str, Any]:
     """A job record's view of a cache entry: its metrics, its invalid images and its file, relative to the
     output folder."""
@@ -161,6 +181,12 @@ def run_job(config: CompareConfig, presets: dict[str, Any], concept: str, seed: 
         "concept": concept, "seed": seed, "base": {split: _summary(base[split], cache) for split in SPLITS},
         "methods": {}, "rule": {"max_usability_drop": rule},
     }
+    base_rule = base["validation"]["metrics"]  # what the rule holds each checkpoint's usability against
+    budget_images = int((presets.get("rule") or {}).get("base_usability_images", 0))
+    budget = base_budget(cache, protocol, pipe, concept, budget_images) if budget_images else None
+    if budget is not None:
+        base_rule = {**base_rule, **budget["metrics"]}
+        record["base"]["budget"] = {**_summary(budget, cache), "images": budget_images}
     if not config.skip_attack:
         attacks = attack_point(cache, protocol, pipe, concept, None, base["test"], references, concept_images)
         record["base"]["attack"], record["base"]["inversion"] = attacks["asr"], attacks.get("inversion")
@@ -171,7 +197,7 @@ def run_job(config: CompareConfig, presets: dict[str, Any], concept: str, seed: 
             entries = {split: evaluate_point(cache, protocol, pipe, concept, point, split) for split in splits}
             evaluated.append((point, entries))
         candidates = [Candidate(p.label, p.strength, e["validation"]["metrics"]) for p, e in evaluated]
-        choice = choose_operating_point(candidates, base["validation"]["metrics"], protocol.erasure,
+        choice = choose_operating_point(candidates, base_rule, protocol.erasure,
                                         protocol.usability, rule)
         for point, entries in evaluated:  # test_evaluation: chosen → test images at the chosen point only
             if point.label == choice.label and "test" not in entries:

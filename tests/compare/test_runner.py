@@ -327,3 +327,32 @@ def test_gie_checkpoints_and_their_evaluation_keys_hold_no_training_seed(tmp_pat
         points = get_method("gie").trace(runner.Context(cache, protocol, presets, "circle", seed, "cpu"))
         identities.append([(p.label, p.artifact, runner.artifact_identity(p)) for p in points])
     assert identities[0] == identities[1] and len(identities[0]) == 2
+
+
+def test_the_budget_is_the_base_models_usability_on_a_larger_set_measured_once(fake, tmp_path):
+    """rule.base_usability_images: the rule's floor comes from the base model's usability on that many validation
+    images (made once per concept, whatever the seed); a lower base usability there admits a stronger point."""
+    from coerasing.compare import report
+
+    class Budgeted(FakeProtocol):
+        def __init__(self, base_usability: float) -> None:
+            counted = {"rate": 0.5, "k": 1, "n": 2}
+            super().__init__(lambda s: {"explicit": counted, "unrelated": counted})
+            self.base_usability, self.budget_calls = base_usability, []
+
+        def budget_metrics(self, runtime, concept, images):
+            self.budget_calls.append((runtime.strength, images))
+            return {"metrics": {"unrelated": {"rate": self.base_usability, "k": 7, "n": images}}}
+
+    presets = {"rule": {"max_usability_drop": 0.05, "base_usability_images": 400}}
+    protocol = fake(Budgeted(0.85))  # floor 0.80 instead of 0.85: s3 (unrelated 0.8) now qualifies
+    records = [runner.run_job(_config(tmp_path), presets, "circle", seed, ["a"], "cpu") for seed in (0, 1)]
+    assert [r["methods"]["a"]["chosen"]["label"] for r in records] == ["s3", "s3"]
+    assert protocol.budget_calls == [(0.0, 400)]  # the base model, once for both seeds
+    assert records[0]["base"]["budget"]["metrics"]["unrelated"]["n"] == 400
+    base_row = report.csv_rows(records[:1], protocol.metrics)[0]
+    assert (base_row["budget_unrelated_rate"], base_row["budget_unrelated_n"]) == (0.85, 400)
+    fake(Budgeted(0.85))
+    plain = runner.run_job(_config(tmp_path / "plain"), {"rule": {"max_usability_drop": 0.05}}, "circle", 0, ["a"],
+                           "cpu")
+    assert plain["methods"]["a"]["chosen"]["label"] == "s2" and "budget" not in plain["base"]
