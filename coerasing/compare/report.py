@@ -5,7 +5,8 @@ Every metric column comes from the protocol's declarations (:class:`~coerasing.c
 
 - ``results.csv``: one row per concept × method × seed × checkpoint (and the base model), with every
   metric on the validation and on the test prompts (a rate: ``<split>_<name>_rate``, ``_k``, ``_n``;
-  a score: ``<split>_<name>``), and whether the row is the chosen operating point.
+  a score: ``<split>_<name>``), whether the row is the chosen operating point, and the tuning candidate
+  (``candidate``: its index in the presets' ``candidates`` list, 0 for the base presets) that made it.
 - ``results.md``: the table a paper would print, per concept and averaged over concepts, at the
   chosen operating points, on **test** prompts only: mean ± standard deviation over training seeds,
   the pooled count with its 95 % interval, and the attack success rates.
@@ -62,14 +63,14 @@ def csv_rows(records: Sequence[dict[str, Any]], metrics: Sequence[Metric]) -> li
     rows = []
     for record in records:
         concept, seed = record["concept"], record["seed"]
-        points = [("base", "base", 0.0, record["base"], True)]
+        points = [("base", "base", 0.0, record["base"], True, None)]
         for name, method in record["methods"].items():
             for point in method["points"]:
                 points.append((name, point["label"], point["strength"], point,
-                               point["label"] == method["chosen"]["label"]))
-        for name, label, strength, entry, chosen in points:
+                               point["label"] == method["chosen"]["label"], point.get("candidate", 0)))
+        for name, label, strength, entry, chosen, candidate in points:
             row: dict[str, Any] = {"concept": concept, "method": name, "seed": seed, "checkpoint": label,
-                                   "strength": strength, "chosen": chosen}
+                                   "strength": strength, "chosen": chosen, "candidate": candidate}
             for split in SPLITS:
                 values = entry[split]["metrics"] if split in entry else {}  # test_evaluation: chosen
                 for metric in metrics:
