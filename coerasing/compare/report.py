@@ -6,7 +6,8 @@ Every metric column comes from the protocol's declarations (:class:`~coerasing.c
 - ``results.csv``: one row per concept × method × seed × checkpoint (and the base model), with every
   metric on the validation and on the test prompts (a rate: ``<split>_<name>_rate``, ``_k``, ``_n``;
   a score: ``<split>_<name>``), whether the row is the chosen operating point, and the tuning candidate
-  (``candidate``: its index in the presets' ``candidates`` list, 0 for the base presets) that made it.
+  (``candidate``: its index in the presets' ``candidates`` list, 0 for the base presets) that made it
+  (no such column for records made before candidates existed, such as docs/results/).
 - ``results.md``: the table a paper would print, per concept and averaged over concepts, at the
   chosen operating points, on **test** prompts only: mean ± standard deviation over training seeds,
   the pooled count with its 95 % interval, and the attack success rates.
@@ -61,6 +62,8 @@ def _value(metrics: dict[str, Any], name: str) -> float | None:
 def csv_rows(records: Sequence[dict[str, Any]], metrics: Sequence[Metric]) -> list[dict[str, Any]]:
     """``results.csv``'s rows (see the module docstring): one column group per declared metric."""
     rows = []
+    # the candidate column: records made before tuning candidates existed (docs/results/) have none
+    candidates = any("candidate" in p for r in records for m in r["methods"].values() for p in m["points"])
     for record in records:
         concept, seed = record["concept"], record["seed"]
         points = [("base", "base", 0.0, record["base"], True, None)]
@@ -70,7 +73,8 @@ def csv_rows(records: Sequence[dict[str, Any]], metrics: Sequence[Metric]) -> li
                                point["label"] == method["chosen"]["label"], point.get("candidate", 0)))
         for name, label, strength, entry, chosen, candidate in points:
             row: dict[str, Any] = {"concept": concept, "method": name, "seed": seed, "checkpoint": label,
-                                   "strength": strength, "chosen": chosen, "candidate": candidate}
+                                   "strength": strength, "chosen": chosen,
+                                   **({"candidate": candidate} if candidates else {})}
             for split in SPLITS:
                 values = entry[split]["metrics"] if split in entry else {}  # test_evaluation: chosen
                 for metric in metrics:
