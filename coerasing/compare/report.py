@@ -322,18 +322,23 @@ def plot_concept(records: Sequence[dict[str, Any]], methods: Sequence[str], conc
         ax.scatter([np.mean([_value(b, usability.name) for b in base])], [np.mean([_value(b, group) for b in base])],
                    marker="*", s=260, color="black", edgecolor="white", linewidth=1.0, label="base", zorder=8)
         for index, method in enumerate(methods):
-            labels = [p["label"] for p in group_records[0]["methods"][method]["points"]]
-            xs, ys, xe, ye = [], [], [], []
-            for label in labels:
-                points = [next(p for p in r["methods"][method]["points"] if p["label"] == label)
-                          for r in group_records]
-                x = [_value(p[split]["metrics"], usability.name) for p in points]
-                y = [_value(p[split]["metrics"], group) for p in points]
-                xs.append(np.mean(x)), ys.append(np.mean(y))
-                xe.append(np.std(x, ddof=1) if len(x) > 1 else 0), ye.append(np.std(y, ddof=1) if len(y) > 1 else 0)
             color, style = f"C{index}", STYLES[index % len(STYLES)]
-            ax.errorbar(xs, ys, xerr=xe, yerr=ye, marker=style[1], ms=5, color=color, label=method, capsize=2,
-                        lw=1.3, linestyle=style[0], alpha=0.85)
+            by_candidate: dict[int, list[str]] = {}  # one line per tuning candidate (candidate 0: the base presets)
+            for p in group_records[0]["methods"][method]["points"]:
+                by_candidate.setdefault(int(p.get("candidate", 0)), []).append(p["label"])
+            for candidate, labels in by_candidate.items():
+                xs, ys, xe, ye = [], [], [], []
+                for label in labels:
+                    points = [next(p for p in r["methods"][method]["points"] if p["label"] == label)
+                              for r in group_records]
+                    x = [_value(p[split]["metrics"], usability.name) for p in points]
+                    y = [_value(p[split]["metrics"], group) for p in points]
+                    xs.append(np.mean(x)), ys.append(np.mean(y))
+                    xe.append(np.std(x, ddof=1) if len(x) > 1 else 0)
+                    ye.append(np.std(y, ddof=1) if len(y) > 1 else 0)
+                ax.errorbar(xs, ys, xerr=xe, yerr=ye, marker=style[1], ms=5 if candidate == 0 else 3, color=color,
+                            label=method if candidate == 0 else None, capsize=2, lw=1.3 if candidate == 0 else 0.8,
+                            linestyle=style[0] if candidate == 0 else ":", alpha=0.85 if candidate == 0 else 0.6)
             for r in group_records:
                 chosen = next(p for p in r["methods"][method]["points"]
                               if p["label"] == r["methods"][method]["chosen"]["label"])
@@ -345,7 +350,8 @@ def plot_concept(records: Sequence[dict[str, Any]], methods: Sequence[str], conc
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8, loc="best")
     fig.suptitle(f"{concept}: trade-off curves on {split} prompts, mean ± sd over {len(group_records)} seed(s)\n"
-                 "large outlined markers: each seed's chosen point; curves that share checkpoints overlap", fontsize=10)
+                 "large outlined markers: each seed's chosen point; curves that share checkpoints overlap; "
+                 "dotted: a method's other tuning candidates", fontsize=10)
     _save_figure(fig, path)
 
 

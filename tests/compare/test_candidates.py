@@ -195,3 +195,24 @@ def test_without_candidates_the_curve_and_labels_are_unchanged(knob, tmp_path):
     assert traced == [("a", 0.0)]
     assert [p["label"] for p in record["methods"]["a"]["points"]] == ["s1", "s2", "s3"]
     assert record["methods"]["a"]["chosen"]["candidate"] == 0
+
+
+def test_the_plot_draws_every_candidate(knob, tmp_path, monkeypatch):
+    from coerasing.compare import report
+
+    knob(FakeProtocol(lambda s: {"explicit": {"rate": 1 - 0.2 * s, "k": 0, "n": 1},
+                                 "unrelated": {"rate": 0.9, "k": 0, "n": 1}}))
+    record = runner.run_job(_config(tmp_path), PRESETS, "circle", 0, ["a"], "cpu")
+    import matplotlib.axes
+
+    lines = []
+    original = matplotlib.axes.Axes.errorbar
+
+    def drawn(self, xs, ys, **kw):
+        lines.append((list(xs), kw.get("label")))
+        return original(self, xs, ys, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", drawn)
+    report.plot_concept([record], ["a"], "circle", tmp_path / "plot.png", (EXPLICIT, UNRELATED))
+    assert (tmp_path / "plot.png").stat().st_size > 0
+    assert [(len(xs), label) for xs, label in lines] == [(3, "a"), (3, None), (3, None)]  # one line per candidate
