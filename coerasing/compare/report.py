@@ -379,10 +379,13 @@ def _plot_against_strength(records: Sequence[dict[str, Any]], methods: Sequence[
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for index, method in enumerate(methods):
-        points = records[0]["methods"][method]["points"]
-        means = [np.mean([_value(next(p for p in r["methods"][method]["points"] if p["label"] == point["label"])
-                                 [split]["metrics"], metric.name) for r in records]) for point in points]
-        ax.plot([p["strength"] for p in points], means, marker="o", color=f"C{index}", label=method)
+        every = records[0]["methods"][method]["points"]
+        for candidate in sorted({int(p.get("candidate", 0)) for p in every}):  # one line per tuning candidate
+            points = [p for p in every if int(p.get("candidate", 0)) == candidate]
+            means = [np.mean([_value(next(p for p in r["methods"][method]["points"] if p["label"] == point["label"])
+                                     [split]["metrics"], metric.name) for r in records]) for point in points]
+            ax.plot([p["strength"] for p in points], means, marker="o", color=f"C{index}",
+                    label=method if candidate == 0 else None, linestyle="-" if candidate == 0 else ":")
     ax.axhline(np.mean([_value(r["base"][split]["metrics"], metric.name) for r in records]), color="black",
                linestyle="--", label="base")
     ax.set_xlabel("curve position (iterations, stages or |w|)")

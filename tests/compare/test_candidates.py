@@ -216,3 +216,6 @@ def test_the_plot_draws_every_candidate(knob, tmp_path, monkeypatch):
     report.plot_concept([record], ["a"], "circle", tmp_path / "plot.png", (EXPLICIT, UNRELATED))
     assert (tmp_path / "plot.png").stat().st_size > 0
     assert [(len(xs), label) for xs, label in lines] == [(3, "a"), (3, None), (3, None)]  # one line per candidate
+    # without a usability measure: the rate against strength, also one line per candidate
+    report._plot_against_strength([record], ["a"], "circle", tmp_path / "strength.png", EXPLICIT, "test")
+    assert (tmp_path / "strength.png").stat().st_size > 0
