@@ -20,6 +20,7 @@ from typing import Any
 
 from ..checkpoints import write_run_json
 from .config import CompareConfig
+from .presets import declared_candidates
 from .protocols import make_protocol
 from .report import write_results
 from .runner import (
@@ -68,7 +69,8 @@ def run_comparison(config: CompareConfig, argv: Sequence[str] | None = None) -> 
     header = (f"# Comparison: {', '.join(methods)} on {', '.join(concepts)}, training seeds "
               f"{', '.join(map(str, seeds))}{' (--quick)' if config.quick else ''}")
     info: dict[str, Any] = {"header": header, "concepts": concepts, "methods": methods, "seeds": seeds,
-                            "presets": presets, "seconds_this_run": round(seconds, 1)}
+                            "presets": presets, "seconds_this_run": round(seconds, 1),
+                            "candidates": {method: declared_candidates(presets, method) for method in methods}}
     outputs = write_results(config.output_dir, records, methods, info, make_protocol(config, presets, "cpu").metrics)
     write_run_json(config.output_dir, vars(config), seconds_this_run=round(seconds, 1), jobs=len(jobs))
     print(f"results: {outputs['md']} (this run: {seconds:.0f} s)")

@@ -13,7 +13,7 @@ from ..flags import check_fields, check_output_fields, flag
 from ..methods import method_names
 from ..toy import TOY_MODEL_DIR
 from ..toy.world import SHAPES
-from .presets import TEST_EVALUATIONS, apply_quick, validate_presets
+from .presets import TEST_EVALUATIONS, apply_quick, check_candidates, validate_presets
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: Methods compared by default (every method with a trace).
@@ -130,7 +130,7 @@ class CompareConfig:
                                      "the presets' evaluation block and whose judge is the toy classifier; drop them "
                                      "or pass --ckpt_path.")
         presets = self.load_presets()
-        self.lists(presets)
+        check_candidates(presets, self.lists(presets)[1])
         evaluation_plan(presets)
         check_output_fields(self)
         return self

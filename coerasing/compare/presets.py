@@ -10,13 +10,18 @@ conversion (:func:`coerasing.flags.convert`), so
 - an unknown block or key is an error that names it, its block and the keys allowed there;
 - a missing block, or a block that is not a mapping, is an error;
 - a value of the wrong type or out of range names the block and the key (``stage1.lr``);
-- keys that ``compare.py`` sets itself (the base model, the seed, the output folder) are refused.
+- keys that ``compare.py`` sets itself (the base model, the seed, the output folder) are refused;
+- ``candidates``: each method's tuning candidates (docs/comparison.md §2), each a mapping of overrides
+  of the blocks that method's ``trace`` reads (:attr:`coerasing.methods.base.Method.candidate_blocks`),
+  checked like those blocks; candidate 0 is ``{}`` (the base presets). :func:`check_candidates` then
+  refuses a run whose tuned methods do not all have the same number of candidates.
 """
 
 from __future__ import annotations
 
 import copy
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import Field, dataclass, fields
 from typing import Any
 
@@ -221,7 +226,7 @@ def validate_presets(data: Any, source: str, toy: bool) -> dict[str, Any]:
     if missing:
         raise CoErasingError(f"{where} has no {', '.join(repr(m) for m in missing)} block; every presets file has "
                              f"{', '.join(REQUIRED)} (write 'name: {{}}' to take the defaults).")
-    allowed = {*schemas, *SCALARS, "labels", "quick"}
+    allowed = {*schemas, *SCALARS, "labels", "quick", "candidates"}
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = str(key)
@@ -233,6 +238,8 @@ def validate_presets(data: Any, source: str, toy: bool) -> dict[str, Any]:
             out[name] = _check_labels(where, value)
         elif name == "quick":
             out[name] = _check_quick(where, value, schemas)
+        elif name == "candidates":
+            out[name] = _check_candidates(where, value, schemas)
         else:
             out[name] = _check_block(f"{where} {name}", value, schemas[name])
     return out
@@ -256,10 +263,135 @@ def _check_quick(where: str, quick: Any, schemas: dict[str, Schema]) -> dict[str
 
 
 def apply_quick(presets: dict[str, Any], quick: bool) -> dict[str, Any]:
-    """``presets`` with its ``quick`` block merged in (when ``quick``) and removed; a deep copy."""
+    """``presets`` with its ``quick`` block merged in (when ``quick``) and removed; a deep copy.
+
+    ``--quick`` also drops the ``candidates`` block: a smoke run trains each method once (its base presets)."""
     presets = copy.deepcopy(presets)
     overrides = presets.pop("quick", {}) or {}
     if quick:
+        presets.pop("candidates", None)
         for key, value in overrides.items():
             presets[key] = {**(presets.get(key) or {}), **value} if isinstance(value, dict) else value
     return presets
+
+
+# ----------------------------------------------------------------------------------------------
+# Tuning candidates: the same budget for every method, declared before the run
+
+#: The single-value key of a candidate: the stage-1 checkpoint (its iteration) that stage 2 starts from.
+STAGE2_START = "stage2_start"
+
+
+def _check_candidates(where: str, value: Any, schemas: dict[str, Schema]) -> dict[str, list[dict[str, Any]]]:
+    """The ``candidates`` block: method → list of candidates, each a mapping of overrides of the blocks the
+    method's ``trace`` reads; candidate 0 must be ``{}`` (the base presets), and no two candidates are equal."""
+    if not isinstance(value, dict):
+        raise CoErasingError(f"{where} candidates must map method names to lists of candidate settings, e.g. "
+                             f"'esd: [{{}}, {{stage1: {{lr: 5.0e-5}}}}]'; got {value!r}.")
+    out: dict[str, list[dict[str, Any]]] = {}
+    for key, items in value.items():
+        method = str(key)
+        if method not in method_names():
+            raise CoErasingError(f"{where} candidates.{method}: unknown method; known: {_allowed(method_names())}.")
+        cls = get_method(method)
+        blocks = tuple(getattr(cls, "candidate_blocks", ()))
+        if getattr(cls, "tuned_by_curve", False) or not blocks:
+            why = ("its curve is a grid of fixed settings, which is its tuning budget" if
+                   getattr(cls, "tuned_by_curve", False) else "its trace declares no blocks a candidate may change")
+            raise CoErasingError(f"{where} candidates.{method}: {method} takes no tuning candidates ({why}); remove "
+                                 "the entry.")
+        if not isinstance(items, list) or not items:
+            raise CoErasingError(f"{where} candidates.{method} must be a non-empty list of candidates, the first "
+                                 f"'{{}}' (the base presets); got {items!r}.")
+        checked = []
+        for index, item in enumerate(items):
+            here = f"candidates.{method}[{index}]"
+            if item is None:
+                item = {}
+            if not isinstance(item, dict):
+                raise CoErasingError(f"{where} {here} must be a mapping of block overrides, e.g. "
+                                     f"'{{{blocks[0]}: {{...}}}}'; got {item!r}.")
+            if index == 0 and item:
+                raise CoErasingError(f"{where} {here} must be {{}}: candidate 0 is the base presets themselves "
+                                     "(so a run without candidates chooses among the same checkpoints); put the "
+                                     "overrides in candidates 1, 2, ….")
+            candidate: dict[str, Any] = {}
+            for name, block in item.items():
+                name = str(name)
+                if name not in blocks:
+                    raise CoErasingError(f"{where} {here} has an unknown block {name!r}; a candidate of {method} "
+                                         f"may change: {_allowed(blocks)}.")
+                if name == STAGE2_START:
+                    candidate[name] = Key(int, low=1, hint=" (an iteration of stage 1 with a checkpoint)").check(
+                        f"{where} {here}.{name}", block)
+                elif not isinstance(block, dict) or not block:
+                    raise CoErasingError(f"{where} {here}.{name} must be a non-empty mapping of keys to values, "
+                                         f"got {block!r}.")
+                else:
+                    candidate[name] = _check_block(f"{where} {here}.{name}", block, schemas[name])
+            if candidate in checked:
+                raise CoErasingError(f"{where} {here} repeats candidate {checked.index(candidate)} of {method}; "
+                                     "every candidate must differ (a repeat only inflates the count).")
+            checked.append(candidate)
+        out[method] = checked
+    return out
+
+
+def declared_candidates(presets: dict[str, Any], method: str) -> list[dict[str, Any]]:
+    """``method``'s declared candidates: the presets' list, else one (``{}``, the base presets)."""
+    return copy.deepcopy((presets.get("candidates") or {}).get(method) or [{}])
+
+
+def candidate_presets(presets: dict[str, Any], method: str) -> list[dict[str, Any]]:
+    """One presets mapping per candidate of ``method``: the base presets with the candidate's block overrides
+    merged in and its single values (``stage2_start``) and index in a ``candidate`` block."""
+    out = []
+    for index, candidate in enumerate(declared_candidates(presets, method)):
+        merged = copy.deepcopy(presets)
+        merged.pop("candidates", None)
+        values: dict[str, Any] = {"index": index}
+        for name, block in candidate.items():
+            if isinstance(block, dict):
+                merged[name] = {**(merged.get(name) or {}), **block}
+            else:
+                values[name] = block
+        merged["candidate"] = values
+        out.append(merged)
+    return out
+
+
+def _stage1_saves(presets: dict[str, Any]) -> list[int]:
+    """Stage 1's save points under ``presets`` (its ``iterations`` and ``save_iter``, else their defaults)."""
+    defaults = {f.name: f.default for f in fields(EraseConfig)}
+    stage1 = presets.get("stage1") or {}
+    length = int(stage1.get("iterations", defaults["iterations"]))
+    every = int(stage1.get("save_iter", defaults["save_iter"]))
+    return sorted({*range(every, length + 1, every), length})
+
+
+def check_candidates(presets: dict[str, Any], methods: Sequence[str],
+                     lookup: Callable[[str], Any] = get_method) -> dict[str, int]:
+    """Every tuned method of the run (all but those whose curve is their grid, such as GIE) has the same number of
+    candidates, and every ``stage2_start`` is one of stage 1's save points; returns the counts. Called before any
+    training or evaluation (``lookup``: the method registry)."""
+    counts: dict[str, int] = {}
+    for name in methods:
+        if getattr(lookup(name), "tuned_by_curve", False):
+            continue
+        counts[name] = len(declared_candidates(presets, name))
+        for index, merged in enumerate(candidate_presets(presets, name)):
+            start = merged["candidate"].get(STAGE2_START)
+            saves = _stage1_saves(merged)
+            if start is not None and start not in saves:
+                raise CoErasingError(f"the presets' candidates.{name}[{index}].{STAGE2_START} is {start}, which is "
+                                     f"not a checkpoint of stage 1 (it saves at iterations "
+                                     f"{', '.join(map(str, saves))}: every stage1.save_iter and its end); choose "
+                                     "one of them.")
+    if len(set(counts.values())) > 1:
+        listing = ", ".join(f"{name}: {count}" for name, count in counts.items())
+        raise CoErasingError(f"the methods of this run do not have the same tuning budget (candidates per method: "
+                             f"{listing}). Every method that is trained must declare the same number of candidates in "
+                             "the presets' 'candidates' block (a method without an entry has one: its base presets), "
+                             "so that no method is tuned more than another; add or remove candidates, or leave the "
+                             "unequal methods out of --methods.")
+    return counts

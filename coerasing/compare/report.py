@@ -5,10 +5,12 @@ Every metric column comes from the protocol's declarations (:class:`~coerasing.c
 
 - ``results.csv``: one row per concept × method × seed × checkpoint (and the base model), with every
   metric on the validation and on the test prompts (a rate: ``<split>_<name>_rate``, ``_k``, ``_n``;
-  a score: ``<split>_<name>``), and whether the row is the chosen operating point. With the presets'
-  ``rule.base_usability_images``, the base model's rows also hold ``budget_<name>_rate``/``_k``/``_n``:
-  the usability the rule's budget is measured from (a larger validation set; the rule's floor is that
-  rate minus ``max_usability_drop``).
+  a score: ``<split>_<name>``), whether the row is the chosen operating point, and the tuning candidate
+  (``candidate``: its index in the presets' ``candidates`` list, 0 for the base presets) that made it
+  (no such column for records made before candidates existed, such as docs/results/). With the
+  presets' ``rule.base_usability_images``, the base model's rows also hold ``budget_<name>_rate``/``_k``/
+  ``_n``: the usability the rule's budget is measured from (a larger validation set; the rule's floor
+  is that rate minus ``max_usability_drop``).
 - ``results.md``: the table a paper would print, per concept and averaged over concepts, at the
   chosen operating points, on **test** prompts only: mean ± standard deviation over training seeds,
   the pooled count with its 95 % interval, and the attack success rates.
@@ -63,16 +65,19 @@ def _value(metrics: dict[str, Any], name: str) -> float | None:
 def csv_rows(records: Sequence[dict[str, Any]], metrics: Sequence[Metric]) -> list[dict[str, Any]]:
     """``results.csv``'s rows (see the module docstring): one column group per declared metric."""
     rows = []
+    # the candidate column: records made before tuning candidates existed (docs/results/) have none
+    candidates = any("candidate" in p for r in records for m in r["methods"].values() for p in m["points"])
     for record in records:
         concept, seed = record["concept"], record["seed"]
-        points = [("base", "base", 0.0, record["base"], True)]
+        points = [("base", "base", 0.0, record["base"], True, None)]
         for name, method in record["methods"].items():
             for point in method["points"]:
                 points.append((name, point["label"], point["strength"], point,
-                               point["label"] == method["chosen"]["label"]))
-        for name, label, strength, entry, chosen in points:
+                               point["label"] == method["chosen"]["label"], point.get("candidate", 0)))
+        for name, label, strength, entry, chosen, candidate in points:
             row: dict[str, Any] = {"concept": concept, "method": name, "seed": seed, "checkpoint": label,
-                                   "strength": strength, "chosen": chosen}
+                                   "strength": strength, "chosen": chosen,
+                                   **({"candidate": candidate} if candidates else {})}
             for split in SPLITS:
                 values = entry[split]["metrics"] if split in entry else {}  # test_evaluation: chosen
                 for metric in metrics:
@@ -325,18 +330,23 @@ def plot_concept(records: Sequence[dict[str, Any]], methods: Sequence[str], conc
         ax.scatter([np.mean([_value(b, usability.name) for b in base])], [np.mean([_value(b, group) for b in base])],
                    marker="*", s=260, color="black", edgecolor="white", linewidth=1.0, label="base", zorder=8)
         for index, method in enumerate(methods):
-            labels = [p["label"] for p in group_records[0]["methods"][method]["points"]]
-            xs, ys, xe, ye = [], [], [], []
-            for label in labels:
-                points = [next(p for p in r["methods"][method]["points"] if p["label"] == label)
-                          for r in group_records]
-                x = [_value(p[split]["metrics"], usability.name) for p in points]
-                y = [_value(p[split]["metrics"], group) for p in points]
-                xs.append(np.mean(x)), ys.append(np.mean(y))
-                xe.append(np.std(x, ddof=1) if len(x) > 1 else 0), ye.append(np.std(y, ddof=1) if len(y) > 1 else 0)
             color, style = f"C{index}", STYLES[index % len(STYLES)]
-            ax.errorbar(xs, ys, xerr=xe, yerr=ye, marker=style[1], ms=5, color=color, label=method, capsize=2,
-                        lw=1.3, linestyle=style[0], alpha=0.85)
+            by_candidate: dict[int, list[str]] = {}  # one line per tuning candidate (candidate 0: the base presets)
+            for p in group_records[0]["methods"][method]["points"]:
+                by_candidate.setdefault(int(p.get("candidate", 0)), []).append(p["label"])
+            for candidate, labels in by_candidate.items():
+                xs, ys, xe, ye = [], [], [], []
+                for label in labels:
+                    points = [next(p for p in r["methods"][method]["points"] if p["label"] == label)
+                              for r in group_records]
+                    x = [_value(p[split]["metrics"], usability.name) for p in points]
+                    y = [_value(p[split]["metrics"], group) for p in points]
+                    xs.append(np.mean(x)), ys.append(np.mean(y))
+                    xe.append(np.std(x, ddof=1) if len(x) > 1 else 0)
+                    ye.append(np.std(y, ddof=1) if len(y) > 1 else 0)
+                ax.errorbar(xs, ys, xerr=xe, yerr=ye, marker=style[1], ms=5 if candidate == 0 else 3, color=color,
+                            label=method if candidate == 0 else None, capsize=2, lw=1.3 if candidate == 0 else 0.8,
+                            linestyle=style[0] if candidate == 0 else ":", alpha=0.85 if candidate == 0 else 0.6)
             for r in group_records:
                 chosen = next(p for p in r["methods"][method]["points"]
                               if p["label"] == r["methods"][method]["chosen"]["label"])
@@ -348,7 +358,8 @@ def plot_concept(records: Sequence[dict[str, Any]], methods: Sequence[str], conc
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8, loc="best")
     fig.suptitle(f"{concept}: trade-off curves on {split} prompts, mean ± sd over {len(group_records)} seed(s)\n"
-                 "large outlined markers: each seed's chosen point; curves that share checkpoints overlap", fontsize=10)
+                 "large outlined markers: each seed's chosen point; curves that share checkpoints overlap; "
+                 "dotted: a method's other tuning candidates", fontsize=10)
     _save_figure(fig, path)
 
 
@@ -376,10 +387,13 @@ def _plot_against_strength(records: Sequence[dict[str, Any]], methods: Sequence[
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for index, method in enumerate(methods):
-        points = records[0]["methods"][method]["points"]
-        means = [np.mean([_value(next(p for p in r["methods"][method]["points"] if p["label"] == point["label"])
-                                 [split]["metrics"], metric.name) for r in records]) for point in points]
-        ax.plot([p["strength"] for p in points], means, marker="o", color=f"C{index}", label=method)
+        every = records[0]["methods"][method]["points"]
+        for candidate in sorted({int(p.get("candidate", 0)) for p in every}):  # one line per tuning candidate
+            points = [p for p in every if int(p.get("candidate", 0)) == candidate]
+            means = [np.mean([_value(next(p for p in r["methods"][method]["points"] if p["label"] == point["label"])
+                                     [split]["metrics"], metric.name) for r in records]) for point in points]
+            ax.plot([p["strength"] for p in points], means, marker="o", color=f"C{index}",
+                    label=method if candidate == 0 else None, linestyle="-" if candidate == 0 else ":")
     ax.axhline(np.mean([_value(r["base"][split]["metrics"], metric.name) for r in records]), color="black",
                linestyle="--", label="base")
     ax.set_xlabel("curve position (iterations, stages or |w|)")

@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from ..methods import apply_artifact, get_method
 from ..methods.base import CurvePoint, Runtime, read_artifact
 from .cache import Cache, key_of, npz_problem
 from .config import CompareConfig, evaluation_plan
+from .presets import candidate_presets, check_candidates
 from .protocols import EvaluationProtocol, concept_label, make_protocol
 from .select import Candidate, choose_operating_point
 
@@ -144,6 +145,32 @@ def base_budget(cache: Cache, protocol: EvaluationProtocol, pipe: Any, concept: 
     return entry if entry["metrics"] else None
 
 
+def candidate_label(index: int, label: str) -> str:
+    """A checkpoint's label on its method's curve: candidate 0 keeps the method's own, candidate i is ``c<i>:``."""
+    return label if index == 0 else f"c{index}:{label}"
+
+
+def trace_candidates(method: Any, contexts: Sequence[Context]) -> list[tuple[int, CurvePoint]]:
+    """``method``'s curve over all its tuning candidates (one context each, candidate 0 first): the union of their
+    checkpoints, each with the index of the candidate that first reached it. A checkpoint that an earlier candidate
+    already has (the same file: stage 1's, shared) is kept once; labels are made unique by :func:`candidate_label`."""
+    curve: list[tuple[int, CurvePoint]] = []
+    files: set[Path] = set()
+    for index, context in enumerate(contexts):
+        for point in method.trace(context):
+            file = Path(point.artifact).resolve()
+            if file in files:
+                continue
+            files.add(file)
+            curve.append((index, replace(point, label=candidate_label(index, point.label))))
+    labels = [point.label for _, point in curve]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise CoErasingError(f"the curve of {getattr(method, 'name', method)!r} has the label(s) {', '.join(repeated)} "
+                             "on more than one checkpoint; its trace must label every checkpoint once.")
+    return curve
+
+
 def _summary(entry: dict[str, Any], cache: Cache) -> dict[str, Any]:
     """A job record's view of a cache entry: its metrics, its invalid images and its file, relative to the
     output folder."""
@@ -160,9 +187,12 @@ def run_job(config: CompareConfig, presets: dict[str, Any], concept: str, seed: 
     context = Context(cache, protocol, presets, concept, seed, device)
     rule = float((presets.get("rule") or {}).get("max_usability_drop", 0.05))
     plan = evaluation_plan(presets)
-    traces: dict[str, list[CurvePoint]] = {}
+    check_candidates(presets, methods, get_method)  # the same tuning budget for every method, before any work
+    traces: dict[str, list[tuple[int, CurvePoint]]] = {}
     for name in methods:
-        traces[name] = get_method(name).trace(context)
+        contexts = [Context(cache, protocol, merged, concept, seed, device)
+                    for merged in candidate_presets(presets, name)]
+        traces[name] = trace_candidates(get_method(name), contexts)
     pipe = protocol.pipeline()
     base = {split: evaluate_point(cache, protocol, pipe, concept, None, split) for split in SPLITS}
     references_memo: dict[str, Any] = {}
@@ -192,10 +222,12 @@ def run_job(config: CompareConfig, presets: dict[str, Any], concept: str, seed: 
         record["base"]["attack"], record["base"]["inversion"] = attacks["asr"], attacks.get("inversion")
     for name, points in traces.items():
         evaluated = []
-        for point in points:
+        origin = {point.label: index for index, point in points}  # the tuning candidate of each checkpoint
+        for _, point in points:
             splits = SPLITS if plan == "all" else ("validation",)
             entries = {split: evaluate_point(cache, protocol, pipe, concept, point, split) for split in splits}
             evaluated.append((point, entries))
+        # every candidate's checkpoints, validation metrics only
         candidates = [Candidate(p.label, p.strength, e["validation"]["metrics"]) for p, e in evaluated]
         choice = choose_operating_point(candidates, base_rule, protocol.erasure,
                                         protocol.usability, rule)
@@ -203,9 +235,10 @@ def run_job(config: CompareConfig, presets: dict[str, Any], concept: str, seed: 
             if point.label == choice.label and "test" not in entries:
                 entries["test"] = evaluate_point(cache, protocol, pipe, concept, point, "test")
         method_record: dict[str, Any] = {
-            "points": [{"label": p.label, "strength": p.strength, "artifact": cache.portable(str(p.artifact)),
+            "points": [{"label": p.label, "strength": p.strength, "candidate": origin[p.label],
+                        "artifact": cache.portable(str(p.artifact)),
                         **{split: _summary(e[split], cache) for split in SPLITS if split in e}} for p, e in evaluated],
-            "chosen": asdict(choice),
+            "chosen": {**asdict(choice), "candidate": origin[choice.label]},
         }
         if not config.skip_attack:
             point, entries = next((p, e) for p, e in evaluated if p.label == choice.label)

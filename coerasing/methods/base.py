@@ -237,6 +237,13 @@ class Method:
     config_class: type | None = None
     #: Whether ``erase_pipeline.py --method <name>`` trains it (then :attr:`config_class` is set).
     trainable: bool = False
+    #: The comparison presets' blocks that :meth:`trace` reads and a tuning candidate may override
+    #: (``candidates:`` of the presets, docs/comparison.md §2); ``"stage2_start"`` is a single value (the
+    #: stage-1 checkpoint stage 2 starts from). Empty: the method takes no candidates but its base presets.
+    candidate_blocks: tuple[str, ...] = ()
+    #: Whether the method's curve is a grid of fixed settings with nothing trained (GIE's ``w`` values): the
+    #: grid is its tuning budget, so it takes no candidates and the equal-budget rule leaves it out.
+    tuned_by_curve: bool = False
 
     def train(self, config: Any, world: TrainingWorld | None = None) -> Path:
         """Train with ``config`` (an instance of :attr:`config_class`); returns the final artifact's path.

@@ -4,8 +4,9 @@ All five train the UNet with the one loop of :mod:`coerasing.train` and produce 
 state dict (``unet.pth``); they differ only in which stages run and how:
 
 - ``esd``: stage 1 (text erasing, docs/method.md §4); curve: stage 1's periodic checkpoints.
-- ``coerasing``: stage 1, then stage 2 from its final weights with images refined by the concept
-  text (§5); curve: stage 1's end, then stage 2's checkpoints.
+- ``coerasing``: stage 1, then stage 2 from its final weights (a comparison's tuning candidate may
+  start it from an earlier stage-1 checkpoint: ``stage2_start``) with images refined by the concept
+  text (§5); curve: stage 1's checkpoints up to stage 2's start, then stage 2's checkpoints.
 - ``no-refinement``: as ``coerasing``, stage 2 without ``--text_guide``.
 - ``image-only``: stage 2 from the base model (no stage 1); curve: stage 2's checkpoints.
 - ``esd-equal-compute``: stage 1 run as long as stages 1 + 2 together; curve: its checkpoints.
@@ -24,6 +25,7 @@ from typing import Any
 
 from .. import train as erasing
 from ..config import EraseConfig
+from ..errors import CoErasingError
 from ..files import atomic_write_json, atomic_write_text, read_json_record
 from .base import CurvePoint, Method, TraceContext, TrainingWorld
 from .concepts import concept_kind, toy_anchor_prompts
@@ -93,6 +95,19 @@ def stage2_settings(context: TraceContext, start: Path | None, refine: bool) -> 
     }
 
 
+def stage2_start(context: TraceContext, length: int, every: int) -> int:
+    """The stage-1 iteration whose checkpoint stage 2 starts from: the tuning candidate's ``stage2_start``
+    (``context.preset("candidate")``, docs/comparison.md §2), else stage 1's end; it must be a save point."""
+    start = context.preset("candidate").get("stage2_start")
+    if start is None:
+        return length
+    saved = checkpoints(length, every)
+    if start not in saved:
+        raise CoErasingError(f"stage2_start {start} is not a checkpoint of stage 1 (it saves at iterations "
+                             f"{', '.join(map(str, saved))}: every stage1.save_iter and its end); choose one of them.")
+    return int(start)
+
+
 def _points(folder: Path, iterations: list[int], offset: int = 0) -> list[CurvePoint]:
     return [CurvePoint(f"it{offset + i}", float(offset + i), folder / f"unet_{i}.pth") for i in iterations]
 
@@ -112,18 +127,21 @@ class _EraseMethod(Method):
         folder = train_run(context, "stage1", {**settings, "iterations": length + extra})
         return folder, length, settings["save_iter"]
 
-    def _two_stage(self, context: TraceContext, refine: bool) -> list[CurvePoint]:
-        """Every checkpoint the weights pass through: stage 1's (the same run and files as ESD's), then stage 2's."""
+    def _two_stage(self, context: TraceContext, refine: bool, extra: dict[str, Any] | None = None) -> list[CurvePoint]:
+        """Every checkpoint the weights pass through: stage 1's (the same run and files as ESD's) up to where stage 2
+        starts (stage 1's end, or the candidate's ``stage2_start``), then stage 2's; ``extra``: more stage-2
+        settings."""
         stage1, length, every = self._stage1(context)
-        start = stage1 / f"unet_{length}.pth"
-        settings = stage2_settings(context, start, refine)
+        start = stage2_start(context, length, every)
+        settings = {**stage2_settings(context, stage1 / f"unet_{start}.pth", refine), **(extra or {})}
         folder = train_run(context, "stage2", settings)
-        return [*_points(stage1, checkpoints(length, every)),
-                *_points(folder, checkpoints(settings["iterations"], settings["save_iter"]), offset=length)]
+        return [*_points(stage1, [i for i in checkpoints(length, every) if i <= start]),
+                *_points(folder, checkpoints(settings["iterations"], settings["save_iter"]), offset=start)]
 
 
 class ESD(_EraseMethod):
     name = "esd"
+    candidate_blocks = ("stage1",)
     summary = "ESD: text erasing with negative guidance (Co-Erasing's stage 1)."
 
     def trace(self, context: TraceContext) -> list[CurvePoint]:
@@ -134,6 +152,7 @@ class ESD(_EraseMethod):
 class CoErasing(_EraseMethod):
     name = "coerasing"
     trainable = True
+    candidate_blocks = ("stage2", "stage2_start")
     summary = "Co-Erasing: stage 1 text erasing (ESD), stage 2 image erasing with text-guided refinement."
 
     def trace(self, context: TraceContext) -> list[CurvePoint]:
@@ -142,6 +161,7 @@ class CoErasing(_EraseMethod):
 
 class NoRefinement(_EraseMethod):
     name = "no-refinement"
+    candidate_blocks = ("stage2", "stage2_start")
     summary = "Co-Erasing ablation: stage 2 without the text-guided refinement of the image tokens."
 
     def trace(self, context: TraceContext) -> list[CurvePoint]:
@@ -150,6 +170,7 @@ class NoRefinement(_EraseMethod):
 
 class ImageOnly(_EraseMethod):
     name = "image-only"
+    candidate_blocks = ("stage2",)
     summary = "Co-Erasing ablation: stage 2 only, from the base model."
 
     def trace(self, context: TraceContext) -> list[CurvePoint]:
@@ -160,6 +181,7 @@ class ImageOnly(_EraseMethod):
 
 class CoErasingPreserve(_EraseMethod):
     name = "coerasing-preserve"
+    candidate_blocks = ("stage2", "preserve", "stage2_start")
     summary = "Co-Erasing with the anchor-preservation term in stage 2 (docs/method.md §13; not in the paper)."
 
     def trace(self, context: TraceContext) -> list[CurvePoint]:
@@ -179,17 +201,13 @@ class CoErasingPreserve(_EraseMethod):
                 prompts = str(path)
             else:
                 prompts = "everyday"
-        stage1, length, every = self._stage1(context)
-        start = stage1 / f"unet_{length}.pth"
-        settings = {**stage2_settings(context, start, refine=True), "preserve_prompts": prompts,
-                    "preserve_weight": weight}
-        folder = train_run(context, "stage2", settings)
-        return [*_points(stage1, checkpoints(length, every)),
-                *_points(folder, checkpoints(settings["iterations"], settings["save_iter"]), offset=length)]
+        return self._two_stage(context, refine=True,
+                               extra={"preserve_prompts": prompts, "preserve_weight": weight})
 
 
 class ESDEqualCompute(_EraseMethod):
     name = "esd-equal-compute"
+    candidate_blocks = ("stage1",)
     summary = "ESD given as many iterations as Co-Erasing's two stages together."
 
     def trace(self, context: TraceContext) -> list[CurvePoint]:

@@ -314,6 +314,7 @@ class Stereo(Method):
     summary = "STEREO: adversarial search by textual inversion, then robust compositional erasing (CVPR 2025)."
     config_class = StereoConfig
     trainable = True
+    candidate_blocks = ("stereo",)
 
     def train(self, config: StereoConfig, world: TrainingWorld | None = None) -> Path:
         return train_stereo(config)

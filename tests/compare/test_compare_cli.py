@@ -41,6 +41,8 @@ def test_quick_comparison_writes_every_output_and_resumes_only_what_is_missing(t
     assert attack["n"] == 1 and 0 <= attack["mean"] <= 1 and cell["cells"] == 1
     assert ("asr" in cell) == (cell["fallback"] == 0)  # the headline holds only cells with a point in budget
     assert results["verdicts"]["reference"] == "coerasing" and "esd" in results["verdicts"]["against"]
+    # --quick trains one candidate per method (the base presets): candidate 0 everywhere, declared as such
+    assert results["candidates"] == {"esd": [{}], "coerasing": [{}]} and {r["candidate"] for r in rows} == {"", "0"}
     assert "| coerasing |" in (out / "results.md").read_text()
 
     # a rerun trains and evaluates nothing; after losing one evaluation and the job, only those are redone

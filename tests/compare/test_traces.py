@@ -68,12 +68,13 @@ class _PresetsOnly:
 
     concept, seed, device = "circle", 0, "cpu"
 
-    def __init__(self, root):
-        self.root = root
+    def __init__(self, root, candidate=None):
+        self.root, self.candidate = root, candidate or {}
 
     def preset(self, name):
         return {"stage1": {"prompt": "circle", "iterations": 4, "save_iter": 2},
-                "stage2": {"prompt": "circle", "iterations": 2, "save_iter": 1}}[name]
+                "stage2": {"prompt": "circle", "iterations": 2, "save_iter": 1},
+                "candidate": self.candidate}.get(name, {})  # a block the presets lack is empty, as in Context
 
     def world(self):
         return {"ckpt_path": "model", "ip_adapter": "adapter", "image_encoder_path": "encoder"}
@@ -125,3 +126,40 @@ def test_coerasing_preserve_adds_the_anchor_term_to_stage2_only(tmp_path, monkey
     assert second["preserve_weight"] == 3.0 and second["text_guide"] == "circle"
     anchors = open(second["preserve_prompts"]).read().split("\n")
     assert [a for a in anchors if a] == toy_anchor_prompts("circle")
+
+
+@pytest.mark.parametrize("method", ["coerasing", "no-refinement", "coerasing-preserve"])
+def test_stage2_start_picks_an_earlier_stage1_checkpoint(method, tmp_path, monkeypatch):
+    """A tuning candidate's ``stage2_start`` starts stage 2 from that stage-1 checkpoint (not stage 1's end); the
+    curve passes through stage 1 up to there, and stage 2's strengths count on from it."""
+    from coerasing.errors import CoErasingError
+    from coerasing.methods import coerasing as co
+
+    runs = []
+
+    def fake_run(context, kind, settings):
+        runs.append((kind, settings))
+        return tmp_path / kind
+
+    class Context(_PresetsOnly):
+        def run_folder(self, kind, settings):
+            return tmp_path / kind
+
+        def once(self, folder, request, work):
+            folder.mkdir(parents=True, exist_ok=True)
+            work()
+
+    monkeypatch.setattr(co, "train_run", fake_run)
+    curve = get_method(method).trace(Context(tmp_path, {"stage2_start": 2}))
+    (_, first), (stage2, second) = runs
+    assert stage2 == "stage2" and second["unet_ckpt_path"] == str(tmp_path / "stage1" / "unet_2.pth")
+    assert first["iterations"] == 4  # stage 1 itself is the shared run, unchanged
+    assert [(p.label, p.strength) for p in curve] == [("it2", 2.0), ("it3", 3.0), ("it4", 4.0)]
+    assert [p.artifact.name for p in curve] == ["unet_2.pth", "unet_1.pth", "unet_2.pth"]
+    assert [p.artifact.parent.name for p in curve] == ["stage1", "stage2", "stage2"]
+
+    runs.clear()
+    get_method(method).trace(Context(tmp_path))  # no candidate: stage 1's end, as before
+    assert runs[1][1]["unet_ckpt_path"] == str(tmp_path / "stage1" / "unet_4.pth")
+    with pytest.raises(CoErasingError, match="stage2_start 3 is not a checkpoint of stage 1.*2, 4"):
+        get_method(method).trace(Context(tmp_path, {"stage2_start": 3}))

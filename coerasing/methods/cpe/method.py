@@ -34,6 +34,7 @@ class CPEMethod(Method):
     artifact_kind = "addon"
     config_class = CPEConfig
     trainable = True
+    candidate_blocks = (METHOD_NAME,)
 
     def apply(self, artifact: Artifact, pipe: Any) -> CPERuntime:
         adapter, layout = load_cpe(artifact.folder, artifact.file("layout", LAYOUT_FILE),

@@ -24,6 +24,7 @@ class GIEMethod(Method):
     artifact_kind = "addon"
     config_class = GIEConfig
     trainable = True
+    tuned_by_curve = True  # its `w` grid is its curve and its tuning budget: no candidates
 
     def train(self, config: GIEConfig, world: TrainingWorld | None = None) -> Path:
         """A fixed ``w``: just the artifact. No ``w``: train the adapter, labelled by the detector that ``world``
