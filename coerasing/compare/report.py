@@ -5,10 +5,12 @@ Every metric column comes from the protocol's declarations (:class:`~coerasing.c
 
 - ``results.csv``: one row per concept × method × seed × checkpoint (and the base model), with every
   metric on the validation and on the test prompts (a rate: ``<split>_<name>_rate``, ``_k``, ``_n``;
-  a score: ``<split>_<name>``), and whether the row is the chosen operating point.
+  a score: ``<split>_<name>``), and whether the row is the chosen operating point; when the run attacked,
+  ``attack_<name>_rate/_k/_n`` per attack column at the chosen points and the base model.
 - ``results.md``: the table a paper would print, per concept and averaged over concepts, at the
   chosen operating points, on **test** prompts only: mean ± standard deviation over training seeds,
-  the pooled count with its 95 % interval, and the attack success rates.
+  the pooled count with its 95 % interval, and the attack success rates; a "Robustness" table per
+  concept with every attack column (:data:`ATTACK_METRICS`), the base model's row as the sanity line.
 - ``plot_<concept>.png``: each erasure rate flagged for the rule (explicit, and implicit) against the
   rule's usability rate (unrelated accuracy) on test prompts, a line per method through its
   checkpoints (mean over seeds), the chosen points marked; on validation prompts when only the

@@ -114,7 +114,9 @@ def attack_point(cache: Cache, protocol: EvaluationProtocol, pipe: Any, concept:
     test prompts (``asr``) and concept inversion from the concept's unseen references (``inversion``) in
     one entry; the replays of the text attacks' prompt files (``text_prompts(name)``: searched once per
     concept on the base model), P4D, and the relearning probe on the concept's reference images, each in
-    its own. An attack whose presets block is absent (or that the protocol lacks) is left out."""
+    its own. An attack whose presets block is absent (or that the protocol lacks) is left out. On the base
+    model (``point`` ``None``) the replays and P4D attack every row, pre-successes included: its rate is
+    the attack's own, the sanity line."""
     made_by = {"benchmark": protocol.identity(), "concept": concept, **artifact_identity(point)}
     origin = {"key": cache.key(made_by)}
     results: dict[str, Any] = {}
@@ -169,12 +171,13 @@ def attack_point(cache: Cache, protocol: EvaluationProtocol, pipe: Any, concept:
             base_images = references() if name == "p4d" else {}
             erased = runtime()
             folder = cache.root / "attacks" / cache.key(payload)
+            pre_from = test if point is not None else None  # the base model: every row attacked (the sanity line)
             try:
                 if name in TEXT_ATTACKS:
                     assert prompts is not None
-                    result = protocol.replay(erased, concept, test, prompts, folder, origin)
+                    result = protocol.replay(erased, concept, pre_from, prompts, folder, origin)
                 elif name == "p4d":
-                    result = protocol.p4d(erased, concept, test, base_images, folder, origin)
+                    result = protocol.p4d(erased, concept, pre_from, base_images, folder, origin)
                 else:
                     result = protocol.relearn(erased, concept, protocol.references(concept, cache), folder, origin)
             finally:
