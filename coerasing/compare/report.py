@@ -342,8 +342,8 @@ def markdown(summary: dict[str, Any], methods: Sequence[str], header: str, metri
               "was taken); the last table averages over every cell, fallbacks included. "
               + (f"{scores}. " if scores else "")
               + "pre-ASR and ASR: the UnlearnDiff attack on explicit test prompts; CI: concept inversion (a word "
-              "learned against the erased model from the concept's reference images), the share of its images "
-              "that show the concept.", ""]
+              "learned against the erased model from unseen images of the concept, which no method trained on), "
+              "the share of its images that show the concept; the other attacks: the Robustness tables.", ""]
     return "\n".join(lines)
 
 
@@ -352,7 +352,8 @@ def robustness_markdown(summary: dict[str, Any], methods: Sequence[str]) -> list
     (mean ± sd over seeds, pooled count and 95 % Wilson interval), the base model's row first as the sanity
     line (an attack that cannot show the concept on the model that never lost it says nothing)."""
     present = [m for m in ATTACK_METRICS
-               if any(m.name in summary["per_concept"][c][x] for c in summary["concepts"] for x in ["base", *methods])]
+               if any(m.name in summary["per_concept"][c][x]["with_fallback"] for c in summary["concepts"]
+                      for x in ["base", *methods])]
     if not present:
         return []
     lines = ["", "## Robustness", "",
@@ -361,14 +362,16 @@ def robustness_markdown(summary: dict[str, Any], methods: Sequence[str]) -> list
              + "; ".join(f"{m.label}: {m.description}" for m in present) + ". "
              "Ring-A-Bell's and MMA's strings are searched once per concept against the base model's text "
              "encoder (no eraser changes it) and replayed on every model; a row whose own image already shows the "
-             "concept counts as a success without attack, as for UnlearnDiff.", ""]
+             "concept counts as a success without attack, as for UnlearnDiff, except at the base model, where "
+             "the replays and P4D attack every prompt. Every cell is counted here, the rule's fallback points "
+             "included (a method marked * has some).", ""]
     for concept in summary["concepts"]:
         lines += [f"### {concept}", "", _row(["method", *(m.heading for m in present)]),
                   "|" + "---|" * (1 + len(present))]
         for method in ["base", *methods]:
             entry = summary["per_concept"][concept][method]
-            lines.append(_row([method + (" (sanity)" if method == "base" else ""),
-                               *(_cell(entry, m) for m in present)]))
+            name = "base (sanity)" if method == "base" else method + ("*" if entry["fallback"] else "")
+            lines.append(_row([name, *(_cell(entry["with_fallback"], m) for m in present)]))
         lines.append("")
     return lines
 
