@@ -164,6 +164,7 @@ def attack_point(cache: Cache, protocol: EvaluationProtocol, pipe: Any, concept:
         if name in TEXT_ATTACKS and prompts is None:
             continue
         payload = {**made_by, "attack": name, "settings": block,
+                   "rows": [row.case for row in protocol.attack_rows(concept)],
                    **({"prompts": fingerprint(prompts)} if prompts is not None else {}),
                    **({"references": dict(protocol.presets.get("references") or {})} if name == "relearn" else {})}
 
