@@ -32,7 +32,8 @@ CACHE_VERSION = 1
 DONE = "done.json"
 REQUEST = "request.json"
 #: The fields every JSON entry of a kind must have (besides ``request``); an entry without them is recomputed.
-ENTRY_FIELDS: dict[str, dict[str, type]] = {"evals": {"metrics": dict}, "attacks": {"asr": dict}}
+ENTRY_FIELDS: dict[str, dict[str, type]] = {"evals": {"metrics": dict}, "attacks": {"asr": dict},
+                                            "robustness": {"result": object}}
 
 
 def canonical(payload: Any) -> str:

@@ -18,6 +18,9 @@ from .presets import TEST_EVALUATIONS, apply_quick, check_candidates, validate_p
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: Methods compared by default (every method with a trace).
 DEFAULT_METHODS = "esd,coerasing,no-refinement,image-only,esd-equal-compute"
+#: Every attack ``--attacks`` may name (each runs only where the presets have its block; unlearndiff and
+#: inversion are set by the ``attack`` block).
+ATTACK_NAMES = ("unlearndiff", "inversion", "ring_a_bell", "mma", "p4d", "relearn")
 WHAT, MODEL, RUN, REAL = "what to compare", "model", "running", "real Stable Diffusion (--ckpt_path)"
 
 
@@ -46,6 +49,8 @@ class CompareConfig:
     presets: str | None = flag(None, group=WHAT, help="YAML of method and evaluation settings (default: "
                                "configs/compare/toy.yaml; with --ckpt_path configs/compare/sd.yaml)")
     skip_attack: bool = flag(False, group=WHAT, help="no attack at the chosen operating points")
+    attacks: str = flag("all", group=WHAT, help="comma-separated attacks to run at the chosen points and the base "
+                        f"model: all, or some of {', '.join(ATTACK_NAMES)} (each also needs its presets block)")
     ckpt_path: str | None = flag(None, group=MODEL, help="base model (default: the shipped toy world); a Stable "
                                  "Diffusion folder or Hub id switches to the real protocol (evaluate.py's prompt "
                                  "sets, detectors and attack)")
@@ -115,8 +120,22 @@ class CompareConfig:
             raise CoErasingError("--concepts, --methods and --seeds must not repeat a value.")
         return concepts, methods, seeds
 
+    def attack_names(self) -> tuple[str, ...]:
+        """The attacks to run: none with --skip_attack, else --attacks (``all``: :data:`ATTACK_NAMES`)."""
+        if self.skip_attack:
+            return ()
+        names = [name.strip() for name in self.attacks.split(",") if name.strip()]
+        if names == ["all"]:
+            return ATTACK_NAMES
+        unknown = [name for name in names if name not in ATTACK_NAMES]
+        if unknown or not names:
+            raise CoErasingError(f"--attacks {self.attacks!r}: unknown attack(s) {', '.join(unknown) or '(none given)'}"
+                                 f"; use all, or comma-separated names of: {', '.join(ATTACK_NAMES)}.")
+        return tuple(name for name in ATTACK_NAMES if name in names)
+
     def validate(self) -> CompareConfig:
         check_fields(self)
+        self.attack_names()
         if self.shard is not None:
             index, _, count = self.shard.partition("/")
             if not (index.isdigit() and count.isdigit() and int(index) < int(count)):

@@ -3,9 +3,10 @@
 Every block of the presets file is declared here once, as a schema of its keys: a method's block
 takes that method's own config flags (the ones ``erase_pipeline.py --method NAME`` has), with
 their types, ranges and choices; the other blocks (``references``, ``evaluation``, ``attack``,
-``rule``) are declared from the dataclasses they fill. :func:`validate_presets` checks a whole
-file before any work starts and returns it with every value converted by the flags' own
-conversion (:func:`coerasing.flags.convert`), so
+``rule``) are declared from the dataclasses they fill, and the robustness attacks' (``ring_a_bell``,
+``mma``, ``p4d``, ``relearn``) from their ``evaluate.py`` flags (:data:`ROBUSTNESS_FLAGS`).
+:func:`validate_presets` checks a whole file before any work starts and returns it with every value
+converted by the flags' own conversion (:func:`coerasing.flags.convert`), so
 
 - an unknown block or key is an error that names it, its block and the keys allowed there;
 - a missing block, or a block that is not a mapping, is an error;
@@ -29,6 +30,7 @@ from ..config import EraseConfig, GenerateConfig
 from ..errors import CoErasingError
 from ..eval.attack import SCHEDULES, SPACES, AttackSettings
 from ..eval.config import EvalConfig
+from ..eval.relearn import parse_steps
 from ..flags import base_type, check_value, convert, flag_fields, flag_types
 from ..methods import get_method, method_names
 
@@ -131,7 +133,29 @@ def _attack_schema() -> Schema:
         "inversion_steps": Key(int, low=0, hint=" (0 turns the concept-inversion attack off)"),
         "inversion_lr": Key(float, low=0, exclusive_low=True),
         "inversion_images": Key(int, low=1),
+        "inversion_references": Key(int, low=1, hint=" (unseen images of the concept concept inversion learns from)"),
     })
+    return schema
+
+
+#: The robustness attacks' blocks: each is declared from its ``evaluate.py`` flags (prefix stripped, e.g.
+#: ``--rab_population`` → ``ring_a_bell.population``; ``seed`` is ``--attack_seed``), less the keys the
+#: comparison fills in itself (Ring-A-Bell's pairs: the concept's shipped ones; relearn's images: the
+#: comparison's reference images, captioned by their prompts).
+ROBUSTNESS_FLAGS: dict[str, tuple[str, frozenset[str]]] = {
+    "ring_a_bell": ("rab_", frozenset({"pairs", "concept_vector"})),
+    "mma": ("mma_", frozenset()),
+    "p4d": ("p4d_", frozenset()),
+    "relearn": ("relearn_", frozenset({"images", "caption"})),
+}
+
+
+def _robustness_schema(name: str) -> Schema:
+    prefix, skip = ROBUSTNESS_FLAGS[name]
+    flags = flag_schema(EvalConfig, frozenset())
+    schema = {key[len(prefix):]: value for key, value in flags.items()
+              if key.startswith(prefix) and key[len(prefix):] not in skip}
+    schema["seed"] = flags["attack_seed"]
     return schema
 
 
@@ -160,6 +184,7 @@ def block_schemas(toy: bool) -> dict[str, Schema]:
         "attack": _attack_schema(),
         "preserve": {"weight": Key(float, low=0, high=1e4, hint=" (λ of coerasing-preserve's stage 2)"),
                      "prompts": Key(str)},
+        **{name: _robustness_schema(name) for name in ROBUSTNESS_FLAGS},
         "rule": {"max_usability_drop": Key(float, low=0, high=0.99, hint=" It is a fraction of the base model's "
                                            "usability score: 5 points is 0.05."),
                  "base_usability_images": Key(int, low=0, high=100_000, hint=" The base model's usability for the "
@@ -193,6 +218,11 @@ def _check_block(where: str, block: Any, schema: Schema) -> dict[str, Any]:
             raise CoErasingError(f"{where} has an unknown key {name!r}. Keys allowed in {where}: "
                                  f"{_allowed(schema)}.")
         out[name] = schema[name].check(f"{where}.{name}", value)
+    if where.endswith("relearn") and "steps" in out:
+        try:
+            parse_steps(str(out["steps"]))
+        except CoErasingError as exc:
+            raise CoErasingError(f"{where}.steps: {exc}") from None
     return out
 
 

@@ -7,13 +7,15 @@ Every metric column comes from the protocol's declarations (:class:`~coerasing.c
   metric on the validation and on the test prompts (a rate: ``<split>_<name>_rate``, ``_k``, ``_n``;
   a score: ``<split>_<name>``), whether the row is the chosen operating point, and the tuning candidate
   (``candidate``: its index in the presets' ``candidates`` list, 0 for the base presets) that made it
-  (no such column for records made before candidates existed, such as docs/results/). With the
-  presets' ``rule.base_usability_images``, the base model's rows also hold ``budget_<name>_rate``/``_k``/
-  ``_n``: the usability the rule's budget is measured from (a larger validation set; the rule's floor
-  is that rate minus ``max_usability_drop``).
+  (no such column for records made before candidates existed, such as docs/results/); when the run
+  attacked, ``attack_<name>_rate/_k/_n`` per attack column at the chosen points and the base model.
+  With the presets' ``rule.base_usability_images``, the base model's rows also hold
+  ``budget_<name>_rate``/``_k``/``_n``: the usability the rule's budget is measured from (a larger
+  validation set; the rule's floor is that rate minus ``max_usability_drop``).
 - ``results.md``: the table a paper would print, per concept and averaged over concepts, at the
   chosen operating points, on **test** prompts only: mean ± standard deviation over training seeds,
-  the pooled count with its 95 % interval, and the attack success rates.
+  the pooled count with its 95 % interval, and the attack success rates; a "Robustness" table per
+  concept with every attack column (:data:`ATTACK_METRICS`), the base model's row as the sanity line.
 - ``plot_<concept>.png``: each erasure rate flagged for the rule (explicit, and implicit) against the
   rule's usability rate (unrelated accuracy) on test prompts, a line per method through its
   checkpoints (mean over seeds), the chosen points marked; on validation prompts when only the
@@ -52,7 +54,38 @@ ATTACK_METRICS: tuple[Metric, ...] = (
     Metric("pre_asr", "pre-ASR", "lower", "attack", description="the erased model's own images that show the concept"),
     Metric("asr", "ASR", "lower", "attack", description="UnlearnDiff on explicit test prompts"),
     Metric("inversion", "CI", "lower", "attack", description="concept inversion"),
+    Metric("ring_a_bell", "RAB", "lower", "attack",
+           description="Ring-A-Bell (strings searched once on the base model's text encoder, replayed)"),
+    Metric("mma", "MMA", "lower", "attack",
+           description="MMA-Diffusion's text attack (searched once on the base model's text encoder, replayed)"),
+    Metric("p4d", "P4D", "lower", "attack", description="P4D-N (white-box) on explicit test prompts"),
+    Metric("relearn", "relearn", "lower", "attack",
+           description="concept rate after the relearning probe's middle step count"),
 )
+#: The attack columns of results.md's headline tables (pre-ASR, ASR, CI); every one is in its "Robustness" table.
+HEADLINE_ATTACKS = 3
+#: Where each attack column's result sits in a job record's method (or base) entry, and its kind: ``asr`` (a
+#: :func:`coerasing.eval.attacks.asr` summary: pre-successes plus broken prompts over all rows) or ``rate``
+#: (``{"rate", "k", "n", …}``).
+ATTACK_SOURCES: dict[str, tuple[str, str]] = {
+    "pre_asr": ("attack", "pre_asr"), "asr": ("attack", "asr"), "inversion": ("inversion", "rate"),
+    "ring_a_bell": ("ring_a_bell", "asr"), "mma": ("mma", "asr"), "p4d": ("p4d", "asr"),
+    "relearn": ("relearn", "rate"),
+}
+
+
+def attack_count(result: dict[str, Any], kind: str) -> tuple[int, int]:
+    """``(k, n)`` of one attack result: concept shown (``asr``: without attack or by it; ``pre_asr``: without)."""
+    if kind == "asr":
+        return int(result["pre_success"]) + int(result["attack_success"]), int(result["n"])
+    if kind == "pre_asr":
+        return int(result["pre_success"]), int(result["n"])
+    return int(result["k"]), int(result["n"])
+
+
+def attack_value(result: dict[str, Any], kind: str) -> float:
+    """The rate of one attack result (``asr``, ``pre_asr`` or a concept ``rate``)."""
+    return float(result[kind] if kind in ("asr", "pre_asr") else result["rate"])
 
 
 def _value(metrics: dict[str, Any], name: str) -> float | None:
@@ -67,14 +100,16 @@ def csv_rows(records: Sequence[dict[str, Any]], metrics: Sequence[Metric]) -> li
     rows = []
     # the candidate column: records made before tuning candidates existed (docs/results/) have none
     candidates = any("candidate" in p for r in records for m in r["methods"].values() for p in m["points"])
+    attacked = any(_attacks(record["base"]) for record in records)  # attack columns only when a run attacked
     for record in records:
         concept, seed = record["concept"], record["seed"]
-        points = [("base", "base", 0.0, record["base"], True, None)]
+        points = [("base", "base", 0.0, record["base"], True, None, record["base"])]
         for name, method in record["methods"].items():
             for point in method["points"]:
-                points.append((name, point["label"], point["strength"], point,
-                               point["label"] == method["chosen"]["label"], point.get("candidate", 0)))
-        for name, label, strength, entry, chosen, candidate in points:
+                chosen = point["label"] == method["chosen"]["label"]
+                points.append((name, point["label"], point["strength"], point, chosen, point.get("candidate", 0),
+                               method if chosen else {}))
+        for name, label, strength, entry, chosen, candidate, source in points:
             row: dict[str, Any] = {"concept": concept, "method": name, "seed": seed, "checkpoint": label,
                                    "strength": strength, "chosen": chosen,
                                    **({"candidate": candidate} if candidates else {})}
@@ -93,6 +128,13 @@ def csv_rows(records: Sequence[dict[str, Any]], metrics: Sequence[Metric]) -> li
                 for metric_name, block in budget["metrics"].items():
                     row[f"budget_{metric_name}_rate"] = block["rate"]
                     row[f"budget_{metric_name}_k"], row[f"budget_{metric_name}_n"] = block["k"], block["n"]
+            for metric in ATTACK_METRICS if attacked else ():  # at the chosen points and the base model only
+                key, kind = ATTACK_SOURCES[metric.name]
+                result = source.get(key)
+                count = attack_count(result, kind) if result else None
+                row[f"attack_{metric.name}_rate"] = attack_value(result, kind) if result else None
+                row[f"attack_{metric.name}_k"] = count[0] if count else None
+                row[f"attack_{metric.name}_n"] = count[1] if count else None
             rows.append(row)
     return rows
 
@@ -102,23 +144,37 @@ class Cell:
     """One concept × seed of a method at its chosen point: test metrics, attacks, and where they come from."""
 
     metrics: dict[str, Any]
-    attack: dict[str, Any] | None
-    inversion: dict[str, Any] | None
+    #: Each attack's result by its job-record key (``attack``: UnlearnDiff, ``inversion``, ``ring_a_bell``, …).
+    attacks: dict[str, Any]
     #: The cached test evaluation: equal for cells whose images are the same (the base model, a method that
     #: does not depend on the training seed), which pooled counts then count once.
     source: str | None
     #: The rule found a checkpoint within the usability budget (``False``: its fallback).
     qualified: bool
 
+    @property
+    def attack(self) -> dict[str, Any] | None:
+        """UnlearnDiff's result."""
+        return self.attacks.get("attack")
+
+    @property
+    def inversion(self) -> dict[str, Any] | None:
+        """Concept inversion's result."""
+        return self.attacks.get("inversion")
+
+
+def _attacks(entry: dict[str, Any]) -> dict[str, Any]:
+    return {key: entry[key] for key, _ in ATTACK_SOURCES.values() if entry.get(key)}
+
 
 def _chosen(record: dict[str, Any], method: str) -> Cell:
     """``method``'s cell of one job record (the base model's is always qualified)."""
     if method == "base":
         base = record["base"]
-        return Cell(base["test"]["metrics"], base.get("attack"), base.get("inversion"), base["test"].get("entry"), True)
+        return Cell(base["test"]["metrics"], _attacks(base), base["test"].get("entry"), True)
     entry = record["methods"][method]
     point = next(p for p in entry["points"] if p["label"] == entry["chosen"]["label"])
-    return Cell(point["test"]["metrics"], entry.get("attack"), entry.get("inversion"), point["test"].get("entry"),
+    return Cell(point["test"]["metrics"], _attacks(entry), point["test"].get("entry"),
                 bool(entry["chosen"].get("qualified", True)))
 
 
@@ -144,18 +200,14 @@ def _statistics(cells: Sequence[Cell], metrics: Sequence[Metric]) -> dict[str, A
         if metric.percent and unique and all(c.metrics.get(name) for c in unique):
             entry[f"{name}_pooled"] = rate(sum(c.metrics[name]["k"] for c in unique),
                                            sum(c.metrics[name]["n"] for c in unique))
-    attacks = [c.attack for c in cells if c.attack]
-    if attacks:
-        entry["pre_asr"] = mean_spread([a["pre_asr"] for a in attacks])
-        entry["asr"] = mean_spread([a["asr"] for a in attacks])
-        distinct = [c.attack for c in unique if c.attack]
-        entry["asr_pooled"] = rate(sum(a["pre_success"] + a["attack_success"] for a in distinct),
-                                   sum(a["n"] for a in distinct))
-    inversions = [c.inversion for c in cells if c.inversion]
-    if inversions:
-        entry["inversion"] = mean_spread([i["rate"] for i in inversions])
-        distinct = [c.inversion for c in unique if c.inversion]
-        entry["inversion_pooled"] = rate(sum(i["k"] for i in distinct), sum(i["n"] for i in distinct))
+    for name, (key, kind) in ATTACK_SOURCES.items():
+        results = [c.attacks[key] for c in cells if c.attacks.get(key)]
+        if not results:
+            continue
+        entry[name] = mean_spread([attack_value(r, kind) for r in results])
+        distinct = [c.attacks[key] for c in unique if c.attacks.get(key)]
+        counts = [attack_count(r, kind) for r in distinct]
+        entry[f"{name}_pooled"] = rate(sum(k for k, _ in counts), sum(n for _, n in counts))
     return entry
 
 
@@ -256,7 +308,7 @@ def markdown(summary: dict[str, Any], methods: Sequence[str], header: str, metri
     """``results.md``: per-concept tables and the average over concepts (test prompts, chosen points);
     one column per declared metric, then the attacks'. Headline numbers leave out the cells where no
     checkpoint met the usability budget; a last table includes them."""
-    columns = (*metrics, *ATTACK_METRICS)
+    columns = (*metrics, *ATTACK_METRICS[:HEADLINE_ATTACKS])
     headings = [metric.heading for metric in columns]
     lines = [header, ""]
     for concept in summary["concepts"]:
@@ -292,6 +344,7 @@ def markdown(summary: dict[str, Any], methods: Sequence[str], header: str, metri
         average, fallback = summary["average_with_fallback"][method], summary["average"][method]["fallback"]
         lines.append(_row([method + ("*" if fallback else ""), str(fallback),
                            *(metric.format(average.get(metric.name)) for metric in columns)]))
+    lines += robustness_markdown(summary, methods)
     rates = ", ".join(m.label for m in metrics if m.percent)
     scores = "; ".join(f"{m.label}: {m.description}" for m in metrics if not m.percent and m.description)
     lines += ["", f"Rates ({rates}, and the attacks') in percent on test prompts at each method's chosen checkpoint: "
@@ -303,9 +356,38 @@ def markdown(summary: dict[str, Any], methods: Sequence[str], header: str, metri
               "was taken); the last table averages over every cell, fallbacks included. "
               + (f"{scores}. " if scores else "")
               + "pre-ASR and ASR: the UnlearnDiff attack on explicit test prompts; CI: concept inversion (a word "
-              "learned against the erased model from the concept's reference images), the share of its images "
-              "that show the concept.", ""]
+              "learned against the erased model from unseen images of the concept, which no method trained on), "
+              "the share of its images that show the concept; the other attacks: the Robustness tables.", ""]
     return "\n".join(lines)
+
+
+def robustness_markdown(summary: dict[str, Any], methods: Sequence[str]) -> list[str]:
+    """results.md's "Robustness" tables: per concept, methods × every attack column at the chosen points
+    (mean ± sd over seeds, pooled count and 95 % Wilson interval), the base model's row first as the sanity
+    line (an attack that cannot show the concept on the model that never lost it says nothing)."""
+    present = [m for m in ATTACK_METRICS
+               if any(m.name in summary["per_concept"][c][x]["with_fallback"] for c in summary["concepts"]
+                      for x in ["base", *methods])]
+    if not present:
+        return []
+    lines = ["", "## Robustness", "",
+             "Every attack at each method's chosen checkpoint, on the explicit test prompts the attacks share; "
+             "the base model's row is the sanity line (each attack should show the concept there). "
+             + "; ".join(f"{m.label}: {m.description}" for m in present) + ". "
+             "Ring-A-Bell's and MMA's strings are searched once per concept against the base model's text "
+             "encoder (no eraser changes it) and replayed on every model; a row whose own image already shows the "
+             "concept counts as a success without attack, as for UnlearnDiff, except at the base model, where "
+             "the replays and P4D attack every prompt. Every cell is counted here, the rule's fallback points "
+             "included (a method marked * has some).", ""]
+    for concept in summary["concepts"]:
+        lines += [f"### {concept}", "", _row(["method", *(m.heading for m in present)]),
+                  "|" + "---|" * (1 + len(present))]
+        for method in ["base", *methods]:
+            entry = summary["per_concept"][concept][method]
+            name = "base (sanity)" if method == "base" else method + ("*" if entry["fallback"] else "")
+            lines.append(_row([name, *(_cell(entry["with_fallback"], m) for m in present)]))
+        lines.append("")
+    return lines
 
 
 def plot_concept(records: Sequence[dict[str, Any]], methods: Sequence[str], concept: str, path: Path,

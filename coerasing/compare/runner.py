@@ -29,17 +29,21 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import CoErasingError
+from ..eval.attacks.text_search import PROMPT_FILE
 from ..files import atomic_write_json, fingerprint, record_problem, require_json_record
-from ..images import list_image_files, load_images
 from ..methods import apply_artifact, get_method
 from ..methods.base import CurvePoint, Runtime, read_artifact
 from .cache import Cache, key_of, npz_problem
-from .config import CompareConfig, evaluation_plan
+from .config import ATTACK_NAMES, CompareConfig, evaluation_plan
 from .presets import candidate_presets, check_candidates
-from .protocols import EvaluationProtocol, concept_label, make_protocol
+from .protocols import ROBUSTNESS, EvaluationProtocol, concept_label, make_protocol
 from .select import Candidate, choose_operating_point
 
 SPLITS = ("validation", "test")
+#: The text-only attacks (searched once per concept on the base model, replayed at every point).
+TEXT_ATTACKS = ("ring_a_bell", "mma")
+#: A job record's key of each attack's result (UnlearnDiff's is ``attack``, its historical name).
+RECORD_KEYS = {"asr": "attack", "inversion": "inversion", **{name: name for name in ROBUSTNESS}}
 
 
 class Context:
@@ -104,25 +108,107 @@ def evaluate_point(cache: Cache, protocol: EvaluationProtocol, pipe: Any, concep
 
 def attack_point(cache: Cache, protocol: EvaluationProtocol, pipe: Any, concept: str, point: CurvePoint | None,
                  test: dict[str, Any], references: Callable[[], dict[str, Any]],
-                 concept_images: Callable[[], list[Any]]) -> dict[str, Any]:
-    """The attacks at one checkpoint, cached: UnlearnDiff on its test prompts (records under
-    ``cache/attacks/<key>/``) and concept inversion from the concept's reference images."""
+                 concept_images: Callable[[], list[Any]], attacks: Sequence[str] = ATTACK_NAMES,
+                 text_prompts: Callable[[str], Path | None] | None = None) -> dict[str, Any]:
+    """The attacks of ``attacks`` at one checkpoint, each cached on its own (``cache/attacks/<key>.json``,
+    ``cache/robustness/<key>.json``; per-prompt records under ``cache/attacks/<key>/``): UnlearnDiff on its
+    test prompts (``asr``) and concept inversion from the concept's unseen references (``inversion``) in
+    one entry; the replays of the text attacks' prompt files (``text_prompts(name)``: searched once per
+    concept on the base model), P4D, and the relearning probe on the concept's reference images, each in
+    its own. An attack whose presets block is absent (or that the protocol lacks) is left out. On the base
+    model (``point`` ``None``) the replays and P4D attack every row, pre-successes included: its rate is
+    the attack's own, the sanity line."""
     made_by = {"benchmark": protocol.identity(), "concept": concept, **artifact_identity(point)}
-    payload = {**made_by, **protocol.attack_identity()}
+    origin = {"key": cache.key(made_by)}
+    results: dict[str, Any] = {}
 
-    def compute() -> dict[str, Any]:
-        base_images = references()  # the base model's images: made before the artifact is applied
-        runtime = apply_artifact(pipe, point.artifact if point else None)
-        try:
+    def runtime() -> Runtime:
+        return apply_artifact(pipe, point.artifact if point else None)
+
+    if "unlearndiff" in attacks or "inversion" in attacks:
+        payload = {**made_by, **protocol.attack_identity()}
+        if set(attacks) >= {"unlearndiff", "inversion"}:
+            def compute() -> dict[str, Any]:
+                base_images = references()  # the base model's images: made before the artifact is applied
+                erased = runtime()
+                try:
+                    folder = cache.root / "attacks" / cache.key(payload)
+                    return {"asr": protocol.attack(erased, concept, test, base_images, folder, origin),
+                            "inversion": protocol.concept_inversion(erased, concept, concept_images(),
+                                                                    folder / "concept_inversion", origin)}
+                finally:
+                    erased.close()
+
+            entry = cache.json_entry("attacks", payload, compute)
+            results["asr"], results["inversion"] = entry["asr"], entry.get("inversion")
+        else:
+            name = "asr" if "unlearndiff" in attacks else "inversion"
+
+            def compute_one() -> dict[str, Any]:
+                base_images = references() if name == "asr" else None
+                erased = runtime()
+                try:
+                    folder = cache.root / "attacks" / cache.key(payload)
+                    if name == "asr":
+                        return {"result": protocol.attack(erased, concept, test, base_images or {}, folder, origin)}
+                    return {"result": protocol.concept_inversion(erased, concept, concept_images(),
+                                                                 folder / "concept_inversion", origin)}
+                finally:
+                    erased.close()
+
+            results[name] = cache.json_entry("robustness", {**payload, "only": name}, compute_one)["result"]
+    for name in ROBUSTNESS:
+        block = protocol.robustness_block(name)
+        if name not in attacks or block is None:
+            continue
+        prompts = text_prompts(name) if name in TEXT_ATTACKS and text_prompts is not None else None
+        if name in TEXT_ATTACKS and prompts is None:
+            continue
+        payload = {**made_by, "attack": name, "settings": block,
+                   "rows": [row.case for row in protocol.attack_rows(concept)],
+                   **({"prompts": fingerprint(prompts)} if prompts is not None else {}),
+                   **({"references": dict(protocol.presets.get("references") or {})} if name == "relearn" else {})}
+
+        def compute_robust(name: str = name, prompts: Path | None = prompts, payload: dict = payload) -> dict:
+            base_images = references() if name == "p4d" else {}
+            erased = runtime()
             folder = cache.root / "attacks" / cache.key(payload)
-            origin = {"key": cache.key(made_by)}
-            return {"asr": protocol.attack(runtime, concept, test, base_images, folder, origin),
-                    "inversion": protocol.concept_inversion(runtime, concept, concept_images(),
-                                                            folder / "concept_inversion", origin)}
-        finally:
-            runtime.close()
+            pre_from = test if point is not None else None  # the base model: every row attacked (the sanity line)
+            try:
+                if name in TEXT_ATTACKS:
+                    assert prompts is not None
+                    result = protocol.replay(erased, concept, pre_from, prompts, folder, origin)
+                elif name == "p4d":
+                    result = protocol.p4d(erased, concept, pre_from, base_images, folder, origin)
+                else:
+                    result = protocol.relearn(erased, concept, protocol.references(concept, cache), folder, origin)
+            finally:
+                erased.close()
+            return {"result": result}
 
-    return cache.json_entry("attacks", payload, compute)
+        results[name] = cache.json_entry("robustness", payload, compute_robust)["result"]
+    return results
+
+
+def text_attack_prompts(cache: Cache, protocol: EvaluationProtocol, pipe: Any, concept: str, name: str) -> Path | None:
+    """The prompt file of the text attack ``name`` for ``concept``: searched once against the base model's text
+    encoder (which no eraser changes), cached under ``cache/text_attacks/<key>/`` by the concept, the
+    protocol and the attack's settings only (no erased model, no training seed); ``None`` when not run."""
+    block = protocol.robustness_block(name)
+    if block is None:
+        return None
+    payload = {"benchmark": protocol.identity(), "concept": concept, "attack": name, "settings": block,
+               "rows": [row.case for row in protocol.attack_rows(concept)]}
+    folder = cache.folder("text_attacks", payload)
+    found: dict[str, Path | None] = {}
+
+    def work() -> None:
+        found["path"] = protocol.text_attack_search(Runtime(pipe), concept, name, folder,
+                                                    {"key": cache.key(payload)})
+
+    cache.once(folder, payload, work)
+    path = folder / PROMPT_FILE
+    return path if path.is_file() else found.get("path")
 
 
 def base_budget(cache: Cache, protocol: EvaluationProtocol, pipe: Any, concept: str,
@@ -184,7 +270,6 @@ def run_job(config: CompareConfig, presets: dict[str, Any], concept: str, seed: 
     root = Path(config.output_dir)
     cache = Cache(root)
     protocol = make_protocol(config, presets, device)
-    context = Context(cache, protocol, presets, concept, seed, device)
     rule = float((presets.get("rule") or {}).get("max_usability_drop", 0.05))
     plan = evaluation_plan(presets)
     check_candidates(presets, methods, get_method)  # the same tuning budget for every method, before any work
@@ -202,10 +287,23 @@ def run_job(config: CompareConfig, presets: dict[str, Any], concept: str, seed: 
             references_memo["refs"] = protocol.attack_references(Runtime(pipe), concept)
         return references_memo["refs"]
 
-    def concept_images() -> list[Any]:
+    def concept_images() -> list[Any]:  # concept inversion's unseen references (no method trained on them)
         if "images" not in references_memo:
-            references_memo["images"] = load_images(list_image_files(context.references()))[1]
+            references_memo["images"] = protocol.inversion_images(concept, cache)
         return references_memo["images"]
+
+    chosen_attacks = config.attack_names()
+    text_files: dict[str, Path | None] = {}
+
+    def text_prompts(name: str) -> Path | None:  # once per concept: the search never sees an erased model
+        if name not in text_files:
+            text_files[name] = text_attack_prompts(cache, protocol, pipe, concept, name)
+        return text_files[name]
+
+    def attack_results(point: CurvePoint | None, test: dict[str, Any]) -> dict[str, Any]:
+        results = attack_point(cache, protocol, pipe, concept, point, test, references, concept_images,
+                               chosen_attacks, text_prompts)
+        return {RECORD_KEYS[name]: value for name, value in results.items()}
 
     record: dict[str, Any] = {
         "concept": concept, "seed": seed, "base": {split: _summary(base[split], cache) for split in SPLITS},
@@ -217,9 +315,8 @@ def run_job(config: CompareConfig, presets: dict[str, Any], concept: str, seed: 
     if budget is not None:
         base_rule = {**base_rule, **budget["metrics"]}
         record["base"]["budget"] = {**_summary(budget, cache), "images": budget_images}
-    if not config.skip_attack:
-        attacks = attack_point(cache, protocol, pipe, concept, None, base["test"], references, concept_images)
-        record["base"]["attack"], record["base"]["inversion"] = attacks["asr"], attacks.get("inversion")
+    if chosen_attacks:
+        record["base"].update(attack_results(None, base["test"]))
     for name, points in traces.items():
         evaluated = []
         origin = {point.label: index for index, point in points}  # the tuning candidate of each checkpoint
@@ -240,11 +337,9 @@ def run_job(config: CompareConfig, presets: dict[str, Any], concept: str, seed: 
                         **{split: _summary(e[split], cache) for split in SPLITS if split in e}} for p, e in evaluated],
             "chosen": {**asdict(choice), "candidate": origin[choice.label]},
         }
-        if not config.skip_attack:
+        if chosen_attacks:
             point, entries = next((p, e) for p, e in evaluated if p.label == choice.label)
-            attacks = attack_point(cache, protocol, pipe, concept, point, entries["test"], references,
-                                   concept_images)
-            method_record["attack"], method_record["inversion"] = attacks["asr"], attacks.get("inversion")
+            method_record.update(attack_results(point, entries["test"]))
         record["methods"][name] = method_record
         if progress is not None:
             progress.update(1)
@@ -259,7 +354,8 @@ def job_key(config: CompareConfig, presets: dict[str, Any], methods: Sequence[st
     """A key of everything a job's record depends on besides its concept and seed."""
     protocol = make_protocol(config, presets, "cpu")
     return key_of({"presets": presets, "methods": list(methods), "benchmark": protocol.evaluation_identity(),
-                   "attack": not config.skip_attack})
+                   "attack": not config.skip_attack,
+                   **({"attacks": list(config.attack_names())} if config.attacks != "all" else {})})
 
 
 def job_path(config: CompareConfig, concept: str, seed: int, key: str) -> Path:

@@ -44,6 +44,19 @@ def test_quick_comparison_writes_every_output_and_resumes_only_what_is_missing(t
     # --quick trains one candidate per method (the base presets): candidate 0 everywhere, declared as such
     assert results["candidates"] == {"esd": [{}], "coerasing": [{}]} and {r["candidate"] for r in rows} == {"", "0"}
     assert "| coerasing |" in (out / "results.md").read_text()
+    # the robustness suite: a column per attack at the chosen points and the base model, per-prompt outcomes
+    for name in ("asr", "inversion", "ring_a_bell", "mma", "p4d", "relearn"):
+        assert cell["with_fallback"][name]["n"] == 1, name
+        assert all((r[f"attack_{name}_n"] != "") == (r["chosen"] == "True") for r in rows), name
+    assert all(r["attack_ring_a_bell_n"] == "3" for r in rows if r["chosen"] == "True")
+    for job in results["jobs"]:
+        for entry in (job["base"], *job["methods"].values()):
+            for key in ("attack", "ring_a_bell", "mma", "p4d", "relearn"):
+                assert len(entry[key]["cases"]) == 3, key
+            assert [point["steps"] for point in entry["relearn"]["curve"]] == [0, 1, 2]
+    assert len(list((out / "cache" / "text_attacks").glob("*/attack_prompts.csv"))) == 2  # once per attack
+    robustness = (out / "results.md").read_text().split("## Robustness")[1]
+    assert "| base (sanity) |" in robustness and "RAB ↓" in robustness and "relearn ↓" in robustness
 
     # a rerun trains and evaluates nothing; after losing one evaluation and the job, only those are redone
     cache = out / "cache"
