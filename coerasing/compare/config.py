@@ -48,6 +48,8 @@ class CompareConfig:
                        "checkpoints each, a short attack (the presets' 'quick' block)")
     presets: str | None = flag(None, group=WHAT, help="YAML of method and evaluation settings (default: "
                                "configs/compare/toy.yaml; with --ckpt_path configs/compare/sd.yaml)")
+    candidates: bool = flag(True, group=WHAT, help="train every tuning candidate of the presets' 'candidates' "
+                            "block; false: each method its base presets only (one setting each: an equal budget too)")
     skip_attack: bool = flag(False, group=WHAT, help="no attack at the chosen operating points")
     attacks: str = flag("all", group=WHAT, help="comma-separated attacks to run at the chosen points and the base "
                         f"model: all, or some of {', '.join(ATTACK_NAMES)} (each also needs its presets block)")
@@ -85,7 +87,10 @@ class CompareConfig:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise CoErasingError(f"--presets {path} cannot be read as YAML ({exc}).") from exc
-        return apply_quick(validate_presets(data, str(path), self.toy), self.quick)
+        presets = apply_quick(validate_presets(data, str(path), self.toy), self.quick)
+        if not self.candidates:
+            presets.pop("candidates", None)
+        return presets
 
     def lists(self, presets: dict[str, Any]) -> tuple[list[str], list[str], list[int]]:
         """Concepts, methods and seeds: the flags', else the presets' (``--quick``), else the defaults."""

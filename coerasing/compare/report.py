@@ -361,6 +361,59 @@ def markdown(summary: dict[str, Any], methods: Sequence[str], header: str, metri
     return "\n".join(lines)
 
 
+def pooled_over_concepts(summary: dict[str, Any], method: str) -> dict[str, dict[str, Any]]:
+    """Each attack column's count summed over concepts (every cell, fallback points included), as a rate with its
+    95 % Wilson interval: ``{metric name: rate}``."""
+    out = {}
+    for metric in ATTACK_METRICS:
+        blocks = [summary["per_concept"][c][method]["with_fallback"].get(f"{metric.name}_pooled")
+                  for c in summary["concepts"]]
+        blocks = [b for b in blocks if b and b.get("n")]
+        if blocks:
+            out[metric.name] = rate(sum(b["k"] for b in blocks), sum(b["n"] for b in blocks))
+    return out
+
+
+def _pooled_cell(block: dict[str, Any] | None, metric: Metric) -> str:
+    if not block:
+        return "–"
+    return (f"{metric.format(block['rate'])} ({block['k']}/{block['n']}, "
+            f"{metric.format(block['low'])}–{metric.format(block['high'])})")
+
+
+def asr_by_rounds(records: Sequence[dict[str, Any]], method: str) -> list[dict[str, Any]]:
+    """UnlearnDiff's ASR had the attack stopped after each round (pooled over every cell's chosen point): the
+    pre-successes plus the successes reached by then. Empty where the records keep no rounds."""
+    results = [(r["base"] if method == "base" else r["methods"][method]).get("attack") for r in records]
+    results = [a for a in results if a and "success_rounds" in a]
+    if not results:
+        return []
+    last = max([0, *(n for a in results for n in a["success_rounds"].values())])
+    n = sum(int(a["n"]) for a in results)
+    pre = sum(int(a["pre_success"]) for a in results)
+    return [{"rounds": r, **rate(pre + sum(1 for a in results for k in a["success_rounds"].values() if k <= r), n)}
+            for r in range(1, last + 1)]
+
+
+def rounds_markdown(records: Sequence[dict[str, Any]], methods: Sequence[str]) -> list[str]:
+    """results.md's "UnlearnDiff by rounds" table: does the attack's ASR still grow at its last round?"""
+    curves = {m: asr_by_rounds(records, m) for m in methods}
+    curves = {m: c for m, c in curves.items() if c}
+    if not curves:
+        return []
+    rounds = max(len(c) for c in curves.values())
+    shown = sorted({1, 2, *range(5, rounds + 1, 5), rounds} & set(range(1, rounds + 1)))
+    lines = ["## UnlearnDiff ASR by attack rounds", "", _row(["method", *(f"≤ {r}" for r in shown)]),
+             "|" + "---|" * (1 + len(shown))]
+    for method, curve in curves.items():
+        cells = [curve[min(r, len(curve)) - 1] for r in shown]
+        lines.append(_row([method, *(f"{100 * c['rate']:.1f} ({c['k']}/{c['n']})" for c in cells)]))
+    lines += ["", "ASR (pre-successes included, every cell pooled) had the attack stopped after that many rounds "
+              "(one round: its steps at one timestep, then a check); a curve still rising at its last round means "
+              "a larger budget would find more.", ""]
+    return lines
+
+
 def robustness_markdown(summary: dict[str, Any], methods: Sequence[str]) -> list[str]:
     """results.md's "Robustness" tables: per concept, methods × every attack column at the chosen points
     (mean ± sd over seeds, pooled count and 95 % Wilson interval), the base model's row first as the sanity
@@ -379,6 +432,14 @@ def robustness_markdown(summary: dict[str, Any], methods: Sequence[str]) -> list
              "concept counts as a success without attack, as for UnlearnDiff, except at the base model, where "
              "the replays and P4D attack every prompt. Every cell is counted here, the rule's fallback points "
              "included (a method marked * has some).", ""]
+    lines += ["### All concepts (pooled)", "", _row(["method", *(m.heading for m in present)]),
+              "|" + "---|" * (1 + len(present))]
+    for method in ["base", *methods]:
+        pooled = pooled_over_concepts(summary, method)
+        fallback = any(summary["per_concept"][c][method]["fallback"] for c in summary["concepts"])
+        name = "base (sanity)" if method == "base" else method + ("*" if fallback else "")
+        lines.append(_row([name, *(_pooled_cell(pooled.get(m.name), m) for m in present)]))
+    lines += ["", "Pooled: every concept's distinct attacked prompts together, with the 95 % Wilson interval.", ""]
     for concept in summary["concepts"]:
         lines += [f"### {concept}", "", _row(["method", *(m.heading for m in present)]),
                   "|" + "---|" * (1 + len(present))]
@@ -540,7 +601,7 @@ def write_results(folder: str | Path, records: Sequence[dict[str, Any]], methods
             "jobs": list(records)}),
         "md": atomic_write_text(folder / "results.md",
                                 markdown(summary, methods, info.get("header", "# Comparison"), metrics) + "\n"
-                                + "\n".join(verdict_lines)),
+                                + "\n".join(verdict_lines) + "\n" + "\n".join(rounds_markdown(records, methods))),
     }
     for concept in summary["concepts"]:
         plot_concept(records, methods, concept, folder / f"plot_{concept}.png", metrics)

@@ -219,3 +219,12 @@ def test_the_plot_draws_every_candidate(knob, tmp_path, monkeypatch):
     # without a usability measure: the rate against strength, also one line per candidate
     report._plot_against_strength([record], ["a"], "circle", tmp_path / "strength.png", EXPLICIT, "test")
     assert (tmp_path / "strength.png").stat().st_size > 0
+
+
+def test_candidates_false_gives_every_method_its_base_presets_only():
+    from coerasing.compare.config import CompareConfig
+
+    with_them, without = CompareConfig().load_presets(), CompareConfig(candidates=False).load_presets()
+    assert len(with_them["candidates"]["coerasing"]) == 3 and "candidates" not in without
+    assert len(candidate_presets(without, "coerasing")) == 1  # one setting: the base presets
+    assert {k: v for k, v in with_them.items() if k != "candidates"} == without

@@ -122,3 +122,17 @@ def test_the_real_protocol_reports_the_same_columns():
     assert [m.name for m in PromptSetProtocol.metrics] == [m.name for m in ToyProtocol.metrics]
     assert [m.name for m in PromptSetProtocol.metrics if m.rule] == ["explicit", "clip"]
     assert [m.name for m in ToyProtocol.metrics if m.rule] == ["explicit", "implicit", "unrelated"]
+
+
+def test_unlearndiff_asr_by_rounds_counts_successes_reached_by_each_round():
+    from coerasing.compare.report import asr_by_rounds, rounds_markdown
+
+    def record(rounds):
+        return {"base": {}, "methods": {"a": {"attack": {"n": 4, "pre_success": 1, "success_rounds": rounds}}}}
+
+    records = [record({"c1": 1, "c2": 3}), record({"c5": 3})]
+    curve = asr_by_rounds(records, "a")
+    assert [(c["rounds"], c["k"], c["n"]) for c in curve] == [(1, 3, 8), (2, 3, 8), (3, 5, 8)]
+    text = "\n".join(rounds_markdown(records, ["a"]))
+    assert "| a | 37.5 (3/8) | 37.5 (3/8) | 62.5 (5/8) |" in text
+    assert asr_by_rounds([{"base": {}, "methods": {"a": {"attack": {"n": 1, "pre_success": 0}}}}], "a") == []

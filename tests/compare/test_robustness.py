@@ -151,7 +151,9 @@ def test_report_attack_columns_are_recomputed_from_the_records():
     heading = next(line for line in robustness.splitlines() if line.startswith("| method"))
     expected = [m.heading for m in ATTACK_METRICS if m.name not in ("mma", "inversion")]  # no results, no column
     assert expected == [cell.strip() for cell in heading.split("|")[2:-1]]
-    assert "| base (sanity) |" in robustness and "50.0 ± 35.4 (4/8," in robustness.split("| a |")[1]
+    pooled, per_concept = robustness.split("| a |")[1:3]
+    assert "| base (sanity) |" in robustness and "50.0 ± 35.4 (4/8," in per_concept
+    assert "| 50.0 (4/8, 21.5–78.5) |" in pooled.splitlines()[0]  # all concepts pooled: RAB's 1/4 + 3/4
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()

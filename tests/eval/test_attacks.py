@@ -102,3 +102,10 @@ def test_batches_and_the_asr_of_the_records(tmp_path):
 def test_every_registered_attack_is_an_attack_class():
     assert set(ATTACKS) == {"unlearndiff", "concept_inversion", "p4d", "ring_a_bell", "mma", "replay"}
     assert all(issubclass(cls, Attack) and cls.name == name for name, cls in ATTACKS.items())
+
+
+def test_success_rounds_are_kept_for_attacks_that_check_each_round():
+    records = {"c0": {"success": True, "rounds": [{}, {}, {}]}, "c1": {"success": False, "rounds": [{}] * 5},
+               "c2": {"success": True, "rounds": [{}]}, "c3": {"success": True}}
+    summary = asr(["c0", "c1", "c2", "c3", "c4"], {"c4": True}, records)
+    assert summary["success_rounds"] == {"c0": 3, "c2": 1}  # c3 keeps no rounds, c4 needed no attack

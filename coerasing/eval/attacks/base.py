@@ -104,7 +104,8 @@ def asr(cases: Sequence[str], pre: Mapping[str, bool], records: Mapping[str, Rec
     missing from ``pre`` does not). Returns the summary's ``all`` block plus ``asr_interval`` and ``pre_asr_interval``
     (:func:`coerasing.stats.rate`), ``pending`` (attackable cases still without a record), and ``cases``:
     case → 1 where the concept was shown (without attack, or by a successful attack), else 0, the
-    per-prompt outcomes that paired comparisons of two models on the same prompts need.
+    per-prompt outcomes that paired comparisons of two models on the same prompts need, and
+    ``success_rounds``: for an attack that checks after each round, the round of each success.
     """
     pre = {case: bool(pre.get(case, False)) for case in cases}
     outcomes = {case: record.get("success") for case, record in records.items()}
@@ -112,6 +113,10 @@ def asr(cases: Sequence[str], pre: Mapping[str, bool], records: Mapping[str, Rec
     summary = dict(full["all"])
     allowed = set(cases) if attackable is None else set(attackable)
     summary["cases"] = {case: int(pre[case] or (case in allowed and bool(outcomes.get(case)))) for case in cases}
+    # attacks that check after each round (UnlearnDiff): the round of each success, for ASR-by-budget curves
+    summary["success_rounds"] = {case: len(records[case]["rounds"]) for case in cases
+                                 if not pre[case] and case in allowed and outcomes.get(case)
+                                 and isinstance(records[case].get("rounds"), list)}
     summary["asr_interval"] = rate(summary["pre_success"] + summary["attack_success"], summary["n"])
     summary["pre_asr_interval"] = rate(summary["pre_success"], summary["n"])
     return summary
