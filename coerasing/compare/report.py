@@ -574,6 +574,15 @@ def grid_concept(records: Sequence[dict[str, Any]], methods: Sequence[str], conc
     atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
+#: The methods whose paired verdicts against every other method results.md and results.json give (those present).
+VERDICT_REFERENCES = ("coerasing", "coerasing-preserve")
+
+
+def verdict_references(methods: Sequence[str]) -> list[str]:
+    """The methods judged against every other one: those of :data:`VERDICT_REFERENCES` in the run, else the first."""
+    return [m for m in VERDICT_REFERENCES if m in methods] or [methods[0]]
+
+
 def write_results(folder: str | Path, records: Sequence[dict[str, Any]], methods: Sequence[str],
                   info: dict[str, Any], metrics: Sequence[Metric]) -> dict[str, Path]:
     """Write every output of the module docstring into ``folder``; returns their paths.
@@ -581,13 +590,17 @@ def write_results(folder: str | Path, records: Sequence[dict[str, Any]], methods
     ``metrics``: the protocol's declarations (``protocol.metrics``), also written to results.json."""
     folder = Path(folder)
     summary = summarize(records, methods, metrics)
-    reference = "coerasing" if "coerasing" in methods else methods[0]
+    references = verdict_references(methods)
     judged = (*metrics, *ATTACK_METRICS)
-    verdicts = verdict_table(records, reference, methods, judged, folder)
-    by_concept = concept_verdicts(records, reference, methods, judged, folder)
-    verdict_lines = verdict_markdown(verdicts, reference, judged)
-    for concept, table in by_concept.items():
-        verdict_lines += verdict_markdown(table, reference, judged, f"### {concept}", note=False)
+    tables: dict[str, dict[str, Any]] = {}
+    verdict_lines: list[str] = []
+    for reference in references:  # Co-Erasing, and its preservation variant, against every other method
+        verdicts = verdict_table(records, reference, methods, judged, folder)
+        by_concept = concept_verdicts(records, reference, methods, judged, folder)
+        tables[reference] = {"against": verdicts, "by_concept": by_concept}
+        verdict_lines += verdict_markdown(verdicts, reference, judged)
+        for concept, table in by_concept.items():
+            verdict_lines += verdict_markdown(table, reference, judged, f"### {reference}: {concept}", note=False)
     rows = csv_rows(records, metrics)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
@@ -597,7 +610,7 @@ def write_results(folder: str | Path, records: Sequence[dict[str, Any]], methods
         "csv": atomic_write_text(folder / "results.csv", buffer.getvalue()),
         "json": atomic_write_json(folder / "results.json", {
             **info, "metrics": declarations(metrics), "summary": summary,
-            "verdicts": {"reference": reference, "against": verdicts, "by_concept": by_concept},
+            "verdicts": {"reference": references[0], **tables[references[0]], "references": tables},
             "jobs": list(records)}),
         "md": atomic_write_text(folder / "results.md",
                                 markdown(summary, methods, info.get("header", "# Comparison"), metrics) + "\n"

@@ -131,3 +131,10 @@ def test_an_attack_without_per_prompt_outcomes_is_not_judged(tmp_path):
     records = [{"concept": "circle", "seed": 0, "methods": {
         "coerasing": _method(_entry(tmp_path, "a", [0])), "esd": _method(_entry(tmp_path, "b", [1]))}}]
     assert compare_methods(records, "coerasing", "esd", [ASR], tmp_path, replicates=50) == []
+
+
+def test_coerasing_and_its_preservation_variant_are_each_judged_against_every_method():
+    from coerasing.compare.report import verdict_references
+
+    assert verdict_references(["esd", "coerasing-preserve", "cpe", "coerasing"]) == ["coerasing", "coerasing-preserve"]
+    assert verdict_references(["esd", "cpe"]) == ["esd"]
