@@ -448,3 +448,16 @@ def test_the_adapter_of_a_toy_shape_is_trained_with_what_the_toy_world_lends(tmp
     assert training["detector"]["detector"] == "toy" and training["detector"]["targets"] == ["circle"]
     assert training["prompts"] == toy_training_prompts("circle", 2, seed=0) and len(training["labels"]) == 2
     assert (folder / ADAPTER_FILE).is_file() and read_artifact(folder).settings["model"].endswith("toy_world")
+
+
+def test_noise_pred_takes_a_batch_of_several_timesteps_row_by_row_in_order(pipe):
+    """A fine-tuning batch (the relearning probe) draws t per image; GIE gates one timestep per UNet call, so
+    noise_pred splits the batch by timestep and returns each row's ε where a call of that row alone puts it."""
+    torch.manual_seed(1)
+    latents = torch.randn(3, 4, 8, 8)
+    states = pipe.encode_prompt([*PROMPTS, PROMPTS[0]][:3], pipe.device, 1, False)[0].detach()
+    t = torch.tensor([700, 100, 700])
+    with gie(pipe, w=-2.0) as runtime, torch.no_grad():
+        mixed = runtime.noise_pred(latents, t, states)
+        alone = torch.cat([runtime.noise_pred(latents[i : i + 1], t[i : i + 1], states[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(mixed, alone, atol=1e-5, rtol=1e-4)

@@ -205,11 +205,17 @@ class GIERuntime(Runtime):
         Differentiable with respect to ``latents`` and ``text_states`` (``w`` is not differentiated).
         """
         n = latents.shape[0]
+        t = torch.as_tensor(timestep, device=latents.device)
+        if t.ndim > 0 and t.numel() == n and t.unique().numel() > 1:
+            # GIE gates a whole UNet call by one timestep: one call per distinct timestep (a fine-tuning batch
+            # draws t per image), the rows put back in their order
+            groups = [torch.nonzero(t == value).flatten() for value in t.unique()]
+            eps = torch.cat([self.noise_pred(latents[rows], t[rows], text_states[rows]) for rows in groups])
+            return eps[torch.argsort(torch.cat(groups))]
         if self.fixed_w is not None:
             weights = torch.full((n, self.target_count), float(self.fixed_w))
         else:
             weights = self.token_weights_from_features(self._attack_features(tuple(latents.shape[1:]), text_states))
-        t = torch.as_tensor(timestep, device=latents.device)
         if t.ndim > 0 and t.numel() == n and n > 1:
             t = t.repeat_interleave(2, 0)
         with self.controller.session(COND, n, weights):
