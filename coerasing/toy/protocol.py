@@ -310,7 +310,7 @@ def concept_inversion(
         records = run_attack(attack, rows, out_dir, made_by, runtime)
     summary = asr([row.case for row in rows], {}, records)
     losses = attack.losses or attack.stored_losses(out_dir)
-    return {**summary["asr_interval"], "token_loss_first": losses[0] if losses else None,
+    return {**summary["asr_interval"], "cases": summary["cases"], "token_loss_first": losses[0] if losses else None,
             "token_loss_last": losses[-1] if losses else None}
 
 

@@ -54,6 +54,8 @@ def test_quick_comparison_writes_every_output_and_resumes_only_what_is_missing(t
             for key in ("attack", "ring_a_bell", "mma", "p4d", "relearn"):
                 assert len(entry[key]["cases"]) == 3, key
             assert [point["steps"] for point in entry["relearn"]["curve"]] == [0, 1, 2]
+            inversion = entry["inversion"]  # its images, one per seed, paired across models for the verdicts
+            assert len(inversion["cases"]) == inversion["n"] and sum(inversion["cases"].values()) == inversion["k"]
     assert len(list((out / "cache" / "text_attacks").glob("*/attack_prompts.csv"))) == 2  # once per attack
     robustness = (out / "results.md").read_text().split("## Robustness")[1]
     assert "| base (sanity) |" in robustness and "RAB ↓" in robustness and "relearn ↓" in robustness
