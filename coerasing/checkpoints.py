@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import platform
 import re
 import shutil
@@ -65,6 +66,21 @@ def library_versions() -> dict[str, str]:
             versions[name] = "not installed"
     versions["cuda"] = str(torch.version.cuda)
     return versions
+
+
+def machine() -> dict[str, Any]:
+    """What produced a result besides the code: the CPU model (training on another CPU model changes weights in
+    the last bits), its core count, the operating system, and the library versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "versions": library_versions(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def git_commit(path: str | Path | None = None) -> str | None:

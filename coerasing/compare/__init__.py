@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..checkpoints import write_run_json
+from ..checkpoints import git_commit, machine, write_run_json
 from .config import CompareConfig
 from .presets import declared_candidates
 from .protocols import make_protocol
@@ -70,6 +70,7 @@ def run_comparison(config: CompareConfig, argv: Sequence[str] | None = None) -> 
               f"{', '.join(map(str, seeds))}{' (--quick)' if config.quick else ''}")
     info: dict[str, Any] = {"header": header, "concepts": concepts, "methods": methods, "seeds": seeds,
                             "presets": presets, "seconds_this_run": round(seconds, 1),
+                            "machine": machine(), "git_commit": git_commit(),
                             "candidates": {method: declared_candidates(presets, method) for method in methods}}
     outputs = write_results(config.output_dir, records, methods, info, make_protocol(config, presets, "cpu").metrics)
     write_run_json(config.output_dir, vars(config), seconds_this_run=round(seconds, 1), jobs=len(jobs))

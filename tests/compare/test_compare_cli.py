@@ -42,6 +42,7 @@ def test_quick_comparison_writes_every_output_and_resumes_only_what_is_missing(t
     assert ("asr" in cell) == (cell["fallback"] == 0)  # the headline holds only cells with a point in budget
     assert results["verdicts"]["reference"] == "coerasing" and "esd" in results["verdicts"]["against"]
     # --quick trains one candidate per method (the base presets): candidate 0 everywhere, declared as such
+    assert results["machine"]["cpu"] and results["machine"]["versions"]["torch"]  # what made the numbers
     assert results["candidates"] == {"esd": [{}], "coerasing": [{}]} and {r["candidate"] for r in rows} == {"", "0"}
     assert "| coerasing |" in (out / "results.md").read_text()
     # the robustness suite: a column per attack at the chosen points and the base model, per-prompt outcomes
