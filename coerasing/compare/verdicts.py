@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from .metrics import Metric
+from .runner import RECORD_KEYS
 
 #: Replicates of the bootstrap (the interval's ends move by well under a point between runs of 2,000).
 REPLICATES = 2000
@@ -110,17 +111,13 @@ def _hits(path: Path, group: str) -> dict[str, float]:
     return hits
 
 
-#: Where a job record keeps an attack metric's result when its key is not the metric's name.
-ATTACK_RECORD_KEYS = {"asr": "attack"}
-
-
 def attack_outcomes(method_record: Mapping[str, Any], metric: str) -> dict[str, float] | None:
     """Case → 1/0 of an attack metric at a method's chosen point (``None`` where the record has none).
 
     The result is read from ``method_record[key]`` or ``method_record["attacks"][key]`` (``key``: the
-    metric's name, or :data:`ATTACK_RECORD_KEYS`'s entry for it); its ``cases`` are the per-prompt
-    outcomes that :func:`coerasing.eval.attacks.asr` keeps."""
-    key = ATTACK_RECORD_KEYS.get(metric, metric)
+    runner's :data:`~coerasing.compare.runner.RECORD_KEYS` entry for the metric, else its name); its
+    ``cases`` are the per-prompt outcomes that :func:`coerasing.eval.attacks.asr` keeps."""
+    key = RECORD_KEYS.get(metric, metric)
     result = method_record.get(key)
     if not isinstance(result, Mapping):
         result = (method_record.get("attacks") or {}).get(key)

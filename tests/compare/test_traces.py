@@ -83,6 +83,17 @@ class _PresetsOnly:
         return self.root / "references"
 
 
+class _LocalRuns(_PresetsOnly):
+    """:class:`_PresetsOnly` whose run folders are real folders under ``root`` and whose work runs at once."""
+
+    def run_folder(self, kind, settings):
+        return self.root / kind
+
+    def once(self, folder, request, work):
+        folder.mkdir(parents=True, exist_ok=True)
+        work()
+
+
 @pytest.mark.parametrize("method", ["coerasing", "no-refinement"])
 def test_two_stage_curves_start_with_every_stage1_checkpoint(method, tmp_path, monkeypatch):
     """The verdicts issue: Co-Erasing may stop where ESD may, so its curve holds stage 1's checkpoints."""
@@ -107,16 +118,9 @@ def test_coerasing_preserve_adds_the_anchor_term_to_stage2_only(tmp_path, monkey
         runs.append((kind, settings))
         return tmp_path / kind
 
-    class Context(_PresetsOnly):
+    class Context(_LocalRuns):
         def preset(self, name):
             return {"preserve": {"weight": 3.0}}.get(name) or super().preset(name)
-
-        def run_folder(self, kind, settings):
-            return tmp_path / kind
-
-        def once(self, folder, request, work):
-            folder.mkdir(parents=True, exist_ok=True)
-            work()
 
     monkeypatch.setattr(co, "train_run", fake_run)
     curve = get_method("coerasing-preserve").trace(Context(tmp_path))
@@ -141,16 +145,8 @@ def test_stage2_start_picks_an_earlier_stage1_checkpoint(method, tmp_path, monke
         runs.append((kind, settings))
         return tmp_path / kind
 
-    class Context(_PresetsOnly):
-        def run_folder(self, kind, settings):
-            return tmp_path / kind
-
-        def once(self, folder, request, work):
-            folder.mkdir(parents=True, exist_ok=True)
-            work()
-
     monkeypatch.setattr(co, "train_run", fake_run)
-    curve = get_method(method).trace(Context(tmp_path, {"stage2_start": 2}))
+    curve = get_method(method).trace(_LocalRuns(tmp_path, {"stage2_start": 2}))
     (_, first), (stage2, second) = runs
     assert stage2 == "stage2" and second["unet_ckpt_path"] == str(tmp_path / "stage1" / "unet_2.pth")
     assert first["iterations"] == 4  # stage 1 itself is the shared run, unchanged
@@ -159,7 +155,7 @@ def test_stage2_start_picks_an_earlier_stage1_checkpoint(method, tmp_path, monke
     assert [p.artifact.parent.name for p in curve] == ["stage1", "stage2", "stage2"]
 
     runs.clear()
-    get_method(method).trace(Context(tmp_path))  # no candidate: stage 1's end, as before
+    get_method(method).trace(_LocalRuns(tmp_path))  # no candidate: stage 1's end, as before
     assert runs[1][1]["unet_ckpt_path"] == str(tmp_path / "stage1" / "unet_4.pth")
     with pytest.raises(CoErasingError, match="stage2_start 3 is not a checkpoint of stage 1.*2, 4"):
-        get_method(method).trace(Context(tmp_path, {"stage2_start": 3}))
+        get_method(method).trace(_LocalRuns(tmp_path, {"stage2_start": 3}))
