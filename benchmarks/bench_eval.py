@@ -3,7 +3,7 @@
 
     python benchmarks/bench_eval.py                                  # trains a short stage 1 itself
     python benchmarks/bench_eval.py --erased s1=/tmp/s1/unet.pth --erased strong=/tmp/strong/unet.pth \\
-        --new dpm:10 --new unipc:10 --compile --json /tmp/bench_eval.json
+        --new dpm:8@961 --new dpm:10 --compile --json /tmp/bench_eval.json
 
 One checkpoint evaluation is what ``compare.py`` does per checkpoint: the validation and the test
 split of the toy protocol (generation, VAE decode, the toy classifier, the Fréchet distance and the
@@ -42,7 +42,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from coerasing.compare.protocols import ToyProtocol  # noqa: E402
+from coerasing.compare.protocols import ToyProtocol, check_sampler_start  # noqa: E402
 from coerasing.methods import apply_artifact  # noqa: E402
 from coerasing.stats import Z95, rate  # noqa: E402
 from coerasing.toy import protocol as toy  # noqa: E402
@@ -61,15 +61,30 @@ def train_stage1(concept: str, iterations: int, folder: Path) -> Path:
     return folder / "unet.pth"
 
 
-def parse_way(text: str) -> tuple[str, int]:
-    scheduler, _, steps = text.partition(":")
-    if not steps.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r}: expected SCHEDULER:STEPS, e.g. dpm:10")
-    return scheduler, int(steps)
+def parse_way(text: str) -> tuple[str, int, int | None]:
+    """``SCHEDULER:STEPS`` or ``SCHEDULER:STEPS@FIRST_TIMESTEP`` (e.g. ``dpm:8@961``)."""
+    scheduler, _, rest = text.partition(":")
+    steps, _, first = rest.partition("@")
+    if not steps.isdigit() or (first and not first.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SCHEDULER:STEPS[@FIRST_TIMESTEP], e.g. dpm:8@961")
+    return scheduler, int(steps), int(first) if first else None
+
+
+def way_name(scheduler: str, steps: int, first: int | None) -> str:
+    return f"{scheduler}:{steps}" + (f"@{first}" if first is not None else "")
+
+
+#: ``cuda:N`` while timing on a GPU (``--device``): wall seconds after a synchronize, not CPU time.
+GPU: str | None = None
 
 
 def clock() -> float:
-    """CPU seconds of this process (all its threads): what other jobs on a shared machine barely change."""
+    """CPU seconds of this process (all its threads): what other jobs on a shared machine barely change.
+
+    On a GPU (``--device cuda``) the wall clock after the device has finished its queued work."""
+    if GPU is not None:
+        torch.cuda.synchronize(GPU)
+        return time.perf_counter()
     return time.process_time()
 
 
@@ -138,10 +153,10 @@ def main() -> None:
     parser.add_argument("--erased", action="append", default=[], metavar="LABEL=PATH",
                         help="an erased checkpoint to evaluate (repeatable); none: train a short stage 1")
     parser.add_argument("--stage1_iterations", type=int, default=200, help="without --erased: stage 1's length")
-    parser.add_argument("--new", action="append", type=parse_way, default=None, metavar="SCHEDULER:STEPS",
-                        help="a fast way (repeatable; the first is the one 'speedup' and 'rates_agree' judge); "
-                        "default: the --presets file's evaluation sampler and steps")
-    parser.add_argument("--old", type=parse_way, default=("pndm", 25), metavar="SCHEDULER:STEPS")
+    parser.add_argument("--new", action="append", type=parse_way, default=None, metavar="SCHEDULER:STEPS[@T]",
+                        help="a fast way (repeatable; the first is the one 'speedup' and 'rates_agree' judge); @T: "
+                        "its steps start at timestep T; default: the --presets file's evaluation sampler")
+    parser.add_argument("--old", type=parse_way, default=("pndm", 25, None), metavar="SCHEDULER:STEPS[@T]")
     parser.add_argument("--compile", action="store_true",
                         help="also the first fast way with torch.compile of the UNet (compile time reported)")
     parser.add_argument("--presets", default=str(REPO_ROOT / "configs" / "compare" / "toy.yaml"),
@@ -152,19 +167,28 @@ def main() -> None:
                         help="checkpoints of one comparison job (with the base model), for the job estimate")
     parser.add_argument("--job_methods", type=int, default=5, help="methods of one job (chosen points)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda[:N] (then times are wall seconds)")
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    global GPU
+    if args.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            sys.exit(f"--device {args.device}: no CUDA device is visible to torch here; use --device cpu.")
+        GPU = args.device
     presets = yaml.safe_load(Path(args.presets).read_text(encoding="utf-8"))
     evaluation = presets.get("evaluation") or {}
     counts = {k: v for k, v in evaluation.items() if k.endswith("_images")}
-    news = args.new or [(str(evaluation.get("scheduler", "dpm")), int(evaluation.get("num_inference_steps", 20)))]
-    protocol = ToyProtocol({"evaluation": counts})
+    news = args.new or [(str(evaluation.get("scheduler", "dpm")), int(evaluation.get("num_inference_steps", 20)),
+                         evaluation.get("first_timestep"))]
+    protocol = ToyProtocol({"evaluation": counts}, device=args.device)
     base_settings = protocol.settings
-    ways = {f"{args.old[0]}:{args.old[1]}": replace(base_settings, scheduler=args.old[0],
-                                                    num_inference_steps=args.old[1])}
-    for scheduler, steps in news:
-        ways[f"{scheduler}:{steps}"] = replace(base_settings, scheduler=scheduler, num_inference_steps=steps)
+    ways = {}
+    for scheduler, steps, first in [args.old, *news]:
+        settings = replace(base_settings, scheduler=scheduler, num_inference_steps=steps, first_timestep=first)
+        if first is not None:
+            check_sampler_start(protocol.model, settings)
+        ways[way_name(scheduler, steps, first)] = settings
     old_name, new_name = list(ways)[0], list(ways)[1]
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -184,8 +208,9 @@ def main() -> None:
             for way in order:
                 runs[label][way] = evaluate_once(protocol, pipe, artifact, args.concept, ways[way])
                 r = runs[label][way]
-                print(f"{label:>14} {way:>9}: {r['seconds']:6.1f} CPU s, {r['wall_seconds']:6.1f} wall s "
-                      f"({r['images'] / r['generate_seconds']:.1f} images per CPU second generating)", flush=True)
+                kind = "timed" if GPU else "CPU"
+                print(f"{label:>14} {way:>9}: {r['seconds']:6.1f} {kind} s, {r['wall_seconds']:6.1f} wall s "
+                      f"({r['images'] / r['generate_seconds']:.1f} images per {kind} second generating)", flush=True)
         compiled: dict[str, Any] | None = None
         if args.compile:
             forward = pipe.unet.forward
@@ -226,8 +251,9 @@ def main() -> None:
                        "images_per_second": images / gen,
                        "unet_calls_per_image": ways[way].num_inference_steps * 2}
     print(f"\ncheckpoint evaluation (validation + test, {timing[old_name]['images_per_evaluation']} images), "
-          f"{args.threads} thread(s), fastest of {len(models)} models (mean in brackets):")
-    print("| way | UNet calls/image | CPU s/evaluation (mean) | of which generating | images/CPU s generating "
+          f"{args.device if GPU else f'{args.threads} thread(s)'}, fastest of {len(models)} models (mean in brackets):")
+    unit = "wall s" if GPU else "CPU s"
+    print(f"| way | UNet calls/image | {unit}/evaluation (mean) | of which generating | images/{unit} generating "
           "| speedup |")
     print("|---|---|---|---|---|---|")
     for way, t in timing.items():
@@ -266,7 +292,7 @@ def main() -> None:
     if compiled:
         even = compiled["break_even_evaluations"]
         print(f"torch.compile: first evaluation {compiled['first_wall_seconds']:.1f} wall s (compiling: "
-              f"{compiled['compile_wall_seconds']:.0f} s), then {compiled['seconds']:.1f} CPU s (eager "
+              f"{compiled['compile_wall_seconds']:.0f} s), then {compiled['seconds']:.1f} s (eager "
               f"{compiled['eager_seconds']:.1f}); pays after {'never' if even is None else f'{even:.0f}'} "
               f"evaluations; labels identical to eager: {compiled['same_labels']}")
     # one job: every checkpoint on validation and test (old), against validation everywhere and test only
@@ -283,7 +309,8 @@ def main() -> None:
           f"{job['evaluations_new']} with {new_name} and test_evaluation: chosen = {job_new:.0f} s "
           f"({job['speedup']:.2f}×)")
     if args.json:
-        table = {"command": " ".join(sys.argv), "threads": args.threads, "concept": args.concept,
+        table = {"command": " ".join(sys.argv), "threads": args.threads, "device": args.device,
+                 "clock": "wall seconds" if GPU else "CPU seconds", "concept": args.concept,
                  "models": {k: v for k, v in models.items()}, "old": old_name, "new": new_name,
                  "speedup": speedup, "rates_agree": agree, "tolerance": args.tolerance, "timing": timing,
                  "rates": comparisons, "compile": compiled, "job": job,

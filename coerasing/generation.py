@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import inspect
 import io
 import json
 import sys
@@ -103,9 +104,15 @@ def distributed_state(cpu: bool) -> Any:
 # Pipelines
 
 
-def set_scheduler(pipe: Any, name: str) -> None:
-    """Swap the pipeline's sampler (same noise schedule, from the model's scheduler config)."""
+def set_scheduler(pipe: Any, name: str, first_timestep: int | None = None) -> None:
+    """Swap the pipeline's sampler (same noise schedule, from the model's scheduler config).
+
+    ``first_timestep``: the sampler's steps span ``first_timestep`` down to the model's last timestep
+    (:func:`start_sampling_at`) instead of the sampler's own spacing.
+    """
     if name == "default":
+        if first_timestep is not None:
+            start_sampling_at(pipe.scheduler, first_timestep)
         return
     import diffusers
 
@@ -125,13 +132,57 @@ def set_scheduler(pipe: Any, name: str) -> None:
             "integrate its coefficients. Install it (pip install scipy) or pick another --scheduler."
         )
     pipe.scheduler = getattr(diffusers, classes[name]).from_config(pipe.scheduler.config)
+    if first_timestep is not None:
+        start_sampling_at(pipe.scheduler, first_timestep)
+
+
+def spanned_timesteps(first_timestep: int, last_timestep: int, num_inference_steps: int) -> list[int]:
+    """``num_inference_steps`` integer timesteps evenly spaced from ``first_timestep`` down to ``last_timestep``."""
+    if num_inference_steps < 2 or first_timestep - last_timestep + 1 < num_inference_steps:
+        raise CoErasingError(
+            f"{num_inference_steps} sampler steps cannot start at timestep {first_timestep} and end at "
+            f"{last_timestep}: they need at least 2 steps and at most one step per timestep in between. Use "
+            "more steps, or a later first timestep.")
+    return [int(t) for t in np.linspace(first_timestep, last_timestep, num_inference_steps).round()]
+
+
+def start_sampling_at(scheduler: Any, first_timestep: int) -> None:
+    """Make ``scheduler`` sample from ``first_timestep`` down to its last timestep (``steps_offset``), evenly.
+
+    Samplers place their N steps by their own ``timestep_spacing``; with SD v1.4's "leading" spacing
+    the first step is ``(N - 1) · (1000 // N) + 1``: 961 for 25 steps, 901 for 10. Pure noise is
+    then taken for the latent at a different noise level for each N, so a few-step sampler solves a
+    different problem from the 25-step protocol, not the same one more coarsely. Starting at the
+    protocol's own first timestep keeps the problem and changes only the step count (docs/comparison.md
+    §8 measures it). Needs a sampler whose ``set_timesteps`` takes ``timesteps`` (here ``dpm`` and ``euler``).
+    """
+    own = scheduler.set_timesteps
+    if "timesteps" not in inspect.signature(own).parameters:
+        raise CoErasingError(
+            f"the sampler {type(scheduler).__name__} cannot start at a chosen timestep (its set_timesteps takes "
+            "no timesteps). Use the sampler dpm or euler, or leave first_timestep unset.")
+    last = int(scheduler.config.get("steps_offset", 0) or 0)
+    if not last < first_timestep < int(scheduler.config.num_train_timesteps):
+        raise CoErasingError(
+            f"first_timestep {first_timestep} is outside the model's timesteps ({last + 1}…"
+            f"{int(scheduler.config.num_train_timesteps) - 1}); the 25-step protocol of SD v1.4 starts at 961.")
+
+    def set_timesteps(num_inference_steps: int | None = None, device: Any = None, **kwargs: Any) -> None:
+        if num_inference_steps is not None and kwargs.get("timesteps") is None:
+            kwargs["timesteps"] = spanned_timesteps(first_timestep, last, num_inference_steps)
+            num_inference_steps = None
+        own(num_inference_steps=num_inference_steps, device=device, **kwargs)
+
+    scheduler.set_timesteps = set_timesteps
 
 
 @contextmanager
-def scheduler_swapped(pipe: Any, name: str) -> Iterator[None]:
+def scheduler_swapped(pipe: Any, name: str, first_timestep: int | None = None) -> Iterator[None]:
     """Sample with ``name`` inside the block (:func:`set_scheduler`); the pipeline's own sampler afterwards."""
     original = pipe.scheduler
-    set_scheduler(pipe, name)
+    if name == "default" and first_timestep is not None:
+        pipe.scheduler = type(original).from_config(original.config)  # the pipeline's own stays as it is
+    set_scheduler(pipe, name, first_timestep)
     try:
         yield
     finally:

@@ -164,7 +164,8 @@ def _evaluation_schema(toy: bool) -> Schema:
         from ..choices import SCHEDULERS
         from ..toy.protocol import ToyEvalSettings
 
-        return dataclass_schema(ToyEvalSettings, {"guidance_scale": (0, 100)}, choices={"scheduler": SCHEDULERS})
+        return dataclass_schema(ToyEvalSettings, {"guidance_scale": (0, 100), "first_timestep": (2, 999)},
+                                choices={"scheduler": SCHEDULERS})
 
     keys = ("num_inference_steps", "guidance_scale", "height", "width", "batch_size", "scheduler", "threshold",
             "target", "top_k", "detector")

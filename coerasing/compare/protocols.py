@@ -37,7 +37,7 @@ from ..eval.prompts import load_prompts
 from ..eval.relearn import RelearnSettings, load_concept_images, parse_steps
 from ..eval.report import clip_score
 from ..files import fingerprint
-from ..generation import default_size, load_generation_pipeline, plan_batches, row_call_settings
+from ..generation import default_size, load_generation_pipeline, plan_batches, row_call_settings, set_scheduler
 from ..images import MAX_INVALID_SHARE, check_valid_images, invalid_images, list_image_files, load_images
 from ..methods.base import Runtime, model_name
 from ..reference_images import generate_reference_images
@@ -195,6 +195,20 @@ class EvaluationProtocol(ABC):
         return {row.case: bool(hits[row.case]) for row in rows}
 
 
+def check_sampler_start(model: Path, settings: toy.ToyEvalSettings) -> None:
+    """The presets' ``evaluation.first_timestep`` works with their sampler and step count, before any work."""
+    from types import SimpleNamespace
+
+    from diffusers import PNDMScheduler
+
+    pipe = SimpleNamespace(scheduler=PNDMScheduler.from_pretrained(model / "scheduler"))
+    try:
+        set_scheduler(pipe, settings.scheduler, settings.first_timestep)
+        pipe.scheduler.set_timesteps(settings.num_inference_steps)
+    except CoErasingError as error:
+        raise CoErasingError(f"the presets' evaluation block does not work: {error}") from None
+
+
 class ToyProtocol(EvaluationProtocol):
     """The shipped toy world (see :mod:`coerasing.toy.protocol`)."""
 
@@ -210,6 +224,8 @@ class ToyProtocol(EvaluationProtocol):
         if self.settings.scheduler not in SCHEDULERS:
             raise CoErasingError(f"the presets' evaluation.scheduler is {self.settings.scheduler!r}; use one of: "
                                  f"{', '.join(SCHEDULERS)} (default: the model's own, 25-step PNDM on the toy world).")
+        if self.settings.first_timestep is not None:
+            check_sampler_start(self.model, self.settings)
         self.attack_block = dict(presets.get("attack") or {})
         self.device = device
         self._scorer: toy.ToyScorer | None = None
@@ -219,8 +235,14 @@ class ToyProtocol(EvaluationProtocol):
                 "image_encoder_path": str(self.model / "image_encoder")}
 
     def identity(self) -> dict[str, Any]:
-        """What every evaluation depends on besides the erased model: the base model and the protocol."""
-        return {"benchmark": self.name, "model": fingerprint(self.model), "evaluation": asdict(self.settings)}
+        """What every evaluation depends on besides the erased model: the base model and the protocol.
+
+        ``first_timestep`` came later: left out while unset, so caches made before it keep their keys.
+        """
+        evaluation = asdict(self.settings)
+        if evaluation["first_timestep"] is None:
+            del evaluation["first_timestep"]
+        return {"benchmark": self.name, "model": fingerprint(self.model), "evaluation": evaluation}
 
     @property
     def scorer(self) -> toy.ToyScorer:

@@ -85,6 +85,9 @@ class ToyEvalSettings:
     reference_renders: int = 4
     #: Sampler of every image (:data:`coerasing.choices.SCHEDULERS`; ``default``: the model's own, PNDM here).
     scheduler: str = "default"
+    #: Where the sampler's steps start (``None``: its own spacing); the 25-step PNDM protocol starts at
+    #: 961 (:func:`coerasing.generation.start_sampling_at`).
+    first_timestep: int | None = None
 
     def images(self, group: str) -> int:
         return {"explicit": self.explicit_images, "implicit": self.implicit_images,
@@ -220,7 +223,7 @@ def generate(runtime: Runtime, rows: Sequence[ToyRow], settings: ToyEvalSettings
     """``[N, H, W, 3]`` uint8 images of ``rows`` through ``runtime`` (batched; each image its own seed)."""
     size = int(runtime.pipe.unet.config.sample_size) * int(runtime.pipe.vae_scale_factor)
     out = []
-    with scheduler_swapped(runtime.pipe, settings.scheduler):
+    with scheduler_swapped(runtime.pipe, settings.scheduler, settings.first_timestep):
         for start in range(0, len(rows), settings.batch_size):
             batch = rows[start : start + settings.batch_size]
             out.append(runtime.render([r.seed for r in batch], settings.guidance_scale, size, size,
@@ -306,7 +309,7 @@ def concept_inversion(
         lambda: ToyShapeDetector(scorer.model / "classifier", [concept], str(runtime.device)),
         batch_size=max(1, count), save_images=False, progress=False)
     rows = inversion_rows(count)
-    with scheduler_swapped(runtime.pipe, settings.scheduler):
+    with scheduler_swapped(runtime.pipe, settings.scheduler, settings.first_timestep):
         records = run_attack(attack, rows, out_dir, made_by, runtime)
     summary = asr([row.case for row in rows], {}, records)
     losses = attack.losses or attack.stored_losses(out_dir)
@@ -347,7 +350,7 @@ def attack(
     unlearndiff = UnlearnDiff(
         attack_settings, _generation(settings), lambda row: references[row.case],
         lambda: ToyShapeDetector(scorer.model / "classifier", [concept], str(runtime.device)))
-    with scheduler_swapped(runtime.pipe, settings.scheduler):
+    with scheduler_swapped(runtime.pipe, settings.scheduler, settings.first_timestep):
         records = run_attack(unlearndiff, [row.image_row() for row in rows], out_dir, made_by, runtime, pre)
     return asr([row.case for row in rows], pre, records)
 
@@ -388,7 +391,7 @@ def text_attack_search(
                               search_settings=MMASettings(**block, banned=words or (concept,)))
     else:
         raise ValueError(f"unknown text attack {name!r}; known: {', '.join(TEXT_ATTACKS)}")
-    with scheduler_swapped(base.pipe, settings.scheduler):
+    with scheduler_swapped(base.pipe, settings.scheduler, settings.first_timestep):
         run_attack(attack, [row.image_row() for row in rows], out_dir, made_by, base)
     path = Path(out_dir) / PROMPT_FILE
     if not path.is_file():
@@ -404,7 +407,7 @@ def replay(
     the shared loop); rows whose own image shows the concept (``pre``) are pre-successes, as for UnlearnDiff.
     Returns :func:`coerasing.eval.attacks.asr` over the rows."""
     attack = Replay(str(prompts_file), _generation(settings), _detector(scorer, concept, runtime), save_images=False)
-    with scheduler_swapped(runtime.pipe, settings.scheduler):
+    with scheduler_swapped(runtime.pipe, settings.scheduler, settings.first_timestep):
         records = run_attack(attack, [row.image_row() for row in rows], out_dir, made_by, runtime, pre)
     return asr([row.case for row in rows], pre, records)
 
@@ -418,7 +421,7 @@ def p4d(
     ``rows``; ``references``: the base model's images (z0). Returns :func:`coerasing.eval.attacks.asr`."""
     attack = P4D(P4DSettings(**block).validate(), str(base_model), _generation(settings),
                  lambda row: references[row.case], _detector(scorer, concept, runtime), save_images=False)
-    with scheduler_swapped(runtime.pipe, settings.scheduler):
+    with scheduler_swapped(runtime.pipe, settings.scheduler, settings.first_timestep):
         records = run_attack(attack, [row.image_row() for row in rows], out_dir, made_by, runtime, pre)
     return asr([row.case for row in rows], pre, records)
 
@@ -433,7 +436,7 @@ def relearn(
     Returns the rate after the middle step count (``steps[len // 2]``: 10 of ``0,10,25``) at the top
     (``rate, k, n, low, high``, ``steps``: that count, ``cases``: case → 1 where its image showed the
     concept), and ``curve``: every count's rate and per-case detections."""
-    with scheduler_swapped(runtime.pipe, settings.scheduler):
+    with scheduler_swapped(runtime.pipe, settings.scheduler, settings.first_timestep):
         records = relearn_curve(runtime, [row.image_row() for row in rows], data, relearn_settings,
                                 _generation(settings), _detector(scorer, concept, runtime), out_dir, made_by,
                                 on_stale="redo", save_images=False)
