@@ -46,8 +46,8 @@ from .select import Candidate, selection_agrees
 from .verdicts import concept_verdicts, verdict_markdown, verdict_table
 
 #: (line style, marker) per method, so that curves sharing checkpoints (ESD and its equal-compute run) stay visible;
-#: the star is the base model's alone.
-STYLES = (("-", "o"), ("-", "s"), ("--", "^"), ("-", "D"), (":", "v"), ("-", "P"), ("-.", "h"), ("--", "X"))
+#: the star is the base model's alone; no method's line is dotted (dotted: a method's other tuning candidates).
+STYLES = (("-", "o"), ("-", "s"), ("--", "^"), ("-", "D"), ("-.", "v"), ("-", "P"), ("-.", "h"), ("--", "X"))
 SPLITS = ("validation", "test")
 #: The attacks' columns of results.md (computed by :func:`summarize` from each job's attack results).
 ATTACK_METRICS: tuple[Metric, ...] = (
