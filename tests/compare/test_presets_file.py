@@ -51,6 +51,8 @@ CASES = {
     "word for a boolean": ("stage2.text_uncond", "maybe", "stage2.text_uncond must be true or false"),
     "infinite guidance": ("evaluation.guidance_scale", float("inf"), "evaluation.guidance_scale"),
     "guidance past its range": ("evaluation.guidance_scale", 1e6, "evaluation.guidance_scale must be at most"),
+    "first timestep past the model": ("evaluation.first_timestep", 1000, "evaluation.first_timestep must be at most"),
+    "first timestep as text": ("evaluation.first_timestep", "start", "evaluation.first_timestep must be an integer"),
     "scalar block": ("stage1", 5, "stage1 must be a mapping"),
     "list block": ("attack", [1, 2], "attack must be a mapping"),
     "missing block": ("evaluation", ..., "no 'evaluation' block"),
