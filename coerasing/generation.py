@@ -111,7 +111,8 @@ def set_scheduler(pipe: Any, name: str, first_timestep: int | None = None) -> No
     (:func:`start_sampling_at`) instead of the sampler's own spacing.
     """
     if name == "default":
-        if first_timestep is not None:
+        if first_timestep is not None:  # a copy: start_sampling_at rewires the instance it is given
+            pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
             start_sampling_at(pipe.scheduler, first_timestep)
         return
     import diffusers
@@ -180,8 +181,6 @@ def start_sampling_at(scheduler: Any, first_timestep: int) -> None:
 def scheduler_swapped(pipe: Any, name: str, first_timestep: int | None = None) -> Iterator[None]:
     """Sample with ``name`` inside the block (:func:`set_scheduler`); the pipeline's own sampler afterwards."""
     original = pipe.scheduler
-    if name == "default" and first_timestep is not None:
-        pipe.scheduler = type(original).from_config(original.config)  # the pipeline's own stays as it is
     set_scheduler(pipe, name, first_timestep)
     try:
         yield
