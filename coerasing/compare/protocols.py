@@ -117,9 +117,11 @@ class EvaluationProtocol(ABC):
     def evaluate(self, runtime: Runtime, concept: str, split: str) -> dict[str, Any]:
         """``{"metrics": {name: value}, "images": per-image records, "grid_columns": …, "arrays": {"grid": …}}``."""
 
-    def budget_metrics(self, runtime: Runtime, concept: str, images: int) -> dict[str, Any] | None:
-        """The base model's usability measured on ``images`` validation images (the rule's budget), or
-        ``None`` where the protocol has no larger usability set (the validation split's own is used)."""
+    def budget_metrics(self, runtime: Runtime, concept: str, images: int,
+                       split: str = "validation") -> dict[str, Any] | None:
+        """The base model's usability measured on ``images`` images of ``split`` (on validation: the rule's
+        budget; on test: the same budget for the selection agreement's test-side rule), or ``None`` where the
+        protocol has no larger usability set (the split's own evaluation is used)."""
         return None
 
     def erasure(self, metrics: dict[str, Any]) -> float | None:
@@ -266,11 +268,12 @@ class ToyProtocol(EvaluationProtocol):
         return {"metrics": result["metrics"], "images": result["images"], "grid_columns": result["grid_columns"],
                 "arrays": {"grid": result["grid"]}, "invalid": result["invalid"]}
 
-    def budget_metrics(self, runtime: Runtime, concept: str, images: int) -> dict[str, Any] | None:
-        """Unrelated accuracy on ``images`` validation images of the unrelated captions (more seeds per caption
+    def budget_metrics(self, runtime: Runtime, concept: str, images: int,
+                       split: str = "validation") -> dict[str, Any] | None:
+        """Unrelated accuracy on ``images`` images of the ``split``'s unrelated captions (more seeds per caption
         than an evaluation has; every other group left out), for a budget that does not move with 48 images."""
         settings = replace(self.settings, explicit_images=0, implicit_images=0, unrelated_images=images)
-        result = toy.evaluate(runtime, concept, "validation", settings, self.scorer)
+        result = toy.evaluate(runtime, concept, split, settings, self.scorer)
         return {"metrics": {"unrelated": result["metrics"]["unrelated"]}, "invalid": result["invalid"]}
 
     def attack_rows(self, concept: str) -> list[toy.ToyRow]:

@@ -11,7 +11,9 @@ Every metric column comes from the protocol's declarations (:class:`~coerasing.c
   attacked, ``attack_<name>_rate/_k/_n`` per attack column at the chosen points and the base model.
   With the presets' ``rule.base_usability_images``, the base model's rows also hold
   ``budget_<name>_rate``/``_k``/``_n``: the usability the rule's budget is measured from (a larger
-  validation set; the rule's floor is that rate minus ``max_usability_drop``).
+  validation set; the rule's floor is that rate minus ``max_usability_drop``), and with
+  ``test_evaluation: all`` ``test_budget_<name>_rate``/``_k``/``_n``: the same measurement on test captions,
+  the floor of the selection agreement's test-side rule.
 - ``results.md``: the table a paper would print, per concept and averaged over concepts, at the
   chosen operating points, on **test** prompts only: mean ± standard deviation over training seeds,
   the pooled count with its 95 % interval, and the attack success rates; a "Robustness" table per
@@ -123,11 +125,11 @@ def csv_rows(records: Sequence[dict[str, Any]], metrics: Sequence[Metric]) -> li
                         row[f"{split}_{metric.name}_n"] = block["n"] if block else None
                     else:
                         row[f"{split}_{metric.name}"] = block
-            budget = entry.get("budget") if name == "base" else None
-            if budget:  # the rule's budget: the base model's usability on a larger validation set
-                for metric_name, block in budget["metrics"].items():
-                    row[f"budget_{metric_name}_rate"] = block["rate"]
-                    row[f"budget_{metric_name}_k"], row[f"budget_{metric_name}_n"] = block["k"], block["n"]
+            for key in ("budget", "test_budget"):  # the base model's usability on larger validation/test sets
+                budget = entry.get(key) if name == "base" else None
+                for metric_name, block in (budget or {}).get("metrics", {}).items():
+                    row[f"{key}_{metric_name}_rate"] = block["rate"]
+                    row[f"{key}_{metric_name}_k"], row[f"{key}_{metric_name}_n"] = block["k"], block["n"]
             for metric in ATTACK_METRICS if attacked else ():  # at the chosen points and the base model only
                 key, kind = ATTACK_SOURCES[metric.name]
                 result = source.get(key)
@@ -226,16 +228,20 @@ def _average(table: dict[str, Any], concepts: Sequence[str], method: str, names:
 def agreement(records: Sequence[dict[str, Any]], method: str, metrics: Sequence[Metric]) -> dict[str, Any]:
     """Selection agreement of ``method``: the share of its cells whose validation choice is within
     :data:`~coerasing.compare.select.AGREEMENT_TOLERANCE` (erasure score on test prompts) of the point
-    the same rule picks on test prompts (:func:`~coerasing.compare.select.selection_agrees`). Cells where
-    the validation choice is the rule's fallback are not judged (they are not in the headline either)."""
+    the same rule picks on test prompts (:func:`~coerasing.compare.select.selection_agrees`). The same rule
+    means a floor measured the same way: where the run measured the base model's usability on a larger set
+    of test images too (``test_budget``), the test-side rule is held to it, as the validation rule is held to
+    its budget; otherwise to the base model's own test images. Cells where the validation choice is the
+    rule's fallback are not judged (they are not in the headline either)."""
     verdicts = []
     for record in records:
         entry = record["methods"][method]
         if not entry["chosen"].get("qualified", True) or any("test" not in p for p in entry["points"]):
             continue  # a checkpoint without test images: agreement is not judged for this cell
         candidates = [Candidate(p["label"], p["strength"], p["test"]["metrics"]) for p in entry["points"]]
+        budget = (record["base"].get("test_budget") or {}).get("metrics", {})
         verdicts.append(selection_agrees(
-            candidates, entry["chosen"]["label"], record["base"]["test"]["metrics"],
+            candidates, entry["chosen"]["label"], {**record["base"]["test"]["metrics"], **budget},
             lambda m: rule_score(metrics, "erasure", m), lambda m: rule_score(metrics, "usability", m),
             float(record.get("rule", {}).get("max_usability_drop", 0.05))))
     judged = [v for v in verdicts if v is not None]

@@ -212,17 +212,18 @@ def text_attack_prompts(cache: Cache, protocol: EvaluationProtocol, pipe: Any, c
 
 
 def base_budget(cache: Cache, protocol: EvaluationProtocol, pipe: Any, concept: str,
-                images: int) -> dict[str, Any] | None:
-    """The base model's usability on ``images`` validation images, cached once per concept (no training seed):
-    the rule's budget, stable where the validation set's own 48 images would move it by a point an image.
-    ``None`` where the protocol has no such set."""
-    payload = {"benchmark": protocol.evaluation_identity(), "concept": concept, "split": "validation",
+                images: int, split: str = "validation") -> dict[str, Any] | None:
+    """The base model's usability on ``images`` images of ``split``, cached once per concept (no training seed):
+    on validation the rule's budget, stable where the validation set's own 48 images would move it by a point
+    an image; on test the same budget for the test side of the selection agreement
+    (:func:`coerasing.compare.report.agreement`). ``None`` where the protocol has no such set."""
+    payload = {"benchmark": protocol.evaluation_identity(), "concept": concept, "split": split,
                "budget_images": images, "artifact": "base"}
 
     def compute() -> dict[str, Any]:
         runtime = apply_artifact(pipe, None)
         try:
-            result = protocol.budget_metrics(runtime, concept, images)
+            result = protocol.budget_metrics(runtime, concept, images, split)
         finally:
             runtime.close()
         return result if result is not None else {"metrics": {}}
@@ -315,6 +316,9 @@ def run_job(config: CompareConfig, presets: dict[str, Any], concept: str, seed: 
     if budget is not None:
         base_rule = {**base_rule, **budget["metrics"]}
         record["base"]["budget"] = {**_summary(budget, cache), "images": budget_images}
+        test_budget = base_budget(cache, protocol, pipe, concept, budget_images, "test") if plan == "all" else None
+        if test_budget is not None:  # only the selection agreement reads it, and only with test images everywhere
+            record["base"]["test_budget"] = {**_summary(test_budget, cache), "images": budget_images}
     if chosen_attacks:
         record["base"].update(attack_results(None, base["test"]))
     for name, points in traces.items():

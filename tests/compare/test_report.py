@@ -118,6 +118,29 @@ def test_selection_agreement_of_the_shipped_run():
     assert (agreement["agree"], agreement["judged"]) == (48, 100)
 
 
+def test_selection_agreement_holds_the_test_side_rule_to_a_budget_on_test_captions():
+    """With the base model's usability measured on a larger set of test images, the test-best point is chosen
+    under that floor, not under the base model's own (smaller, noisier) test images; the validation budget
+    (other captions) is not the test side's."""
+    from coerasing.compare.report import agreement
+
+    def metrics(explicit: float, unrelated: float) -> dict:
+        return {"explicit": _rate(round(explicit * 100), 100), "implicit": _rate(round(explicit * 100), 100),
+                "unrelated": _rate(round(unrelated * 100), 100)}
+
+    points = [{"label": f"it{i}", "strength": float(i), "validation": {"metrics": metrics(e, u)},
+               "test": {"metrics": metrics(e, u)}} for i, (e, u) in enumerate([(0.6, 0.95), (0.2, 0.88)])]
+    record = {"concept": "circle", "seed": 0, "rule": {"max_usability_drop": 0.05},
+              "base": {"test": {"metrics": metrics(1.0, 0.96)}},  # floor 0.91 on the base model's test images
+              "methods": {"a": {"points": points, "chosen": {"label": "it1", "qualified": True}}}}
+    declared = ToyProtocol.metrics
+    assert agreement([record], "a", declared)["agree"] == 0  # test-best under 0.91 is it0, 40 points away
+    record["base"]["budget"] = {"metrics": {"unrelated": _rate(460, 500)}, "images": 500}  # validation captions
+    assert agreement([record], "a", declared)["agree"] == 0
+    record["base"]["test_budget"] = {"metrics": {"unrelated": _rate(460, 500)}, "images": 500}  # floor 0.87
+    assert (agreement([record], "a", declared)["agree"], agreement([record], "a", declared)["judged"]) == (1, 1)
+
+
 def test_the_real_protocol_reports_the_same_columns():
     assert [m.name for m in PromptSetProtocol.metrics] == [m.name for m in ToyProtocol.metrics]
     assert [m.name for m in PromptSetProtocol.metrics if m.rule] == ["explicit", "clip"]

@@ -340,18 +340,27 @@ def test_the_budget_is_the_base_models_usability_on_a_larger_set_measured_once(f
             super().__init__(lambda s: {"explicit": counted, "unrelated": counted})
             self.base_usability, self.budget_calls = base_usability, []
 
-        def budget_metrics(self, runtime, concept, images):
-            self.budget_calls.append((runtime.strength, images))
-            return {"metrics": {"unrelated": {"rate": self.base_usability, "k": 7, "n": images}}}
+        def budget_metrics(self, runtime, concept, images, split="validation"):
+            self.budget_calls.append((runtime.strength, images, split))
+            rate = self.base_usability if split == "validation" else 0.75
+            return {"metrics": {"unrelated": {"rate": rate, "k": 7, "n": images}}}
 
     presets = {"rule": {"max_usability_drop": 0.05, "base_usability_images": 400}}
     protocol = fake(Budgeted(0.85))  # floor 0.80 instead of 0.85: s3 (unrelated 0.8) now qualifies
     records = [runner.run_job(_config(tmp_path), presets, "circle", seed, ["a"], "cpu") for seed in (0, 1)]
     assert [r["methods"]["a"]["chosen"]["label"] for r in records] == ["s3", "s3"]
-    assert protocol.budget_calls == [(0.0, 400)]  # the base model, once for both seeds
+    # the base model, once for both seeds; with test images at every checkpoint (the default plan) also on test
+    # captions, the floor of the selection agreement's test side
+    assert protocol.budget_calls == [(0.0, 400, "validation"), (0.0, 400, "test")]
     assert records[0]["base"]["budget"]["metrics"]["unrelated"]["n"] == 400
+    assert records[0]["base"]["test_budget"]["metrics"]["unrelated"]["rate"] == 0.75
     base_row = report.csv_rows(records[:1], protocol.metrics)[0]
     assert (base_row["budget_unrelated_rate"], base_row["budget_unrelated_n"]) == (0.85, 400)
+    assert (base_row["test_budget_unrelated_rate"], base_row["test_budget_unrelated_n"]) == (0.75, 400)
+    chosen_only = fake(Budgeted(0.85))
+    record = runner.run_job(_config(tmp_path / "chosen"), {**presets, "test_evaluation": "chosen"}, "circle", 0,
+                            ["a"], "cpu")
+    assert chosen_only.budget_calls == [(0.0, 400, "validation")] and "test_budget" not in record["base"]
     fake(Budgeted(0.85))
     plain = runner.run_job(_config(tmp_path / "plain"), {"rule": {"max_usability_drop": 0.05}}, "circle", 0, ["a"],
                            "cpu")
