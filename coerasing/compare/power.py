@@ -1,0 +1,99 @@
+"""How many images per split the selection agreement needs: a simulation from a run's validation rates.
+
+The selection agreement (:func:`coerasing.compare.report.agreement`) is limited by counting noise on both
+sides: the rule chooses on validation images, the test-best point is chosen on test images, and a point
+near the usability floor can be in the budget on one split and out of it on the other. This module
+predicts the agreement that evaluation sets of given sizes would reach, before paying for them:
+
+1. Every checkpoint's **validation** rates of a finished run (``results.csv``) are taken as its true rates
+   (test rates are never read, so a size chosen from this prediction has not looked at test prompts).
+2. For each repeat, each checkpoint's validation and test counts are drawn as binomials with the sizes
+   given, the rule chooses on the drawn validation rates, the same rule chooses the test-best point on the
+   drawn test rates (both against the run's fixed floor: its budget, or the base model's validation
+   rate), and the cell agrees when the two points' drawn test scores are within the tolerance.
+
+Both splits are assumed to share the true rates; the caption sets differ in a real run, so a measured
+agreement can fall short of the prediction.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .metrics import Metric
+from .select import AGREEMENT_TOLERANCE
+
+
+def rule_rates(metrics: Sequence[Metric]) -> tuple[list[str], list[str]]:
+    """The rate metrics the rule reads: (erasure names, usability names), in declaration order."""
+    erasure = [m.name for m in metrics if m.rule == "erasure" and m.percent]
+    usability = [m.name for m in metrics if m.rule == "usability" and m.percent]
+    return erasure, usability
+
+
+def _cells(rows: Sequence[Mapping[str, str]], names: Sequence[str]) -> list[dict[str, Any]]:
+    """Per judged cell (concept × method × seed, the base model left out): validation rates and the floor's
+    base rate. Cells whose chosen point was not evaluated on every rate are skipped."""
+    base: dict[tuple[str, str], float] = {}
+    points: dict[tuple[str, str, str], list[Mapping[str, str]]] = defaultdict(list)
+    usability = names[-1]
+    for row in rows:
+        if row["method"] == "base":
+            budget = row.get(f"budget_{usability}_rate") or row[f"validation_{usability}_rate"]
+            base[(row["concept"], row["seed"])] = float(budget)
+        else:
+            points[(row["concept"], row["method"], row["seed"])].append(row)
+    cells = []
+    for (concept, _, seed), group in points.items():
+        if any(not row[f"validation_{name}_rate"] for row in group for name in names):
+            continue
+        rates = np.array([[float(row[f"validation_{name}_rate"]) for name in names] for row in group])
+        order = np.array([float(row["strength"]) + 1e6 * int(row.get("candidate") or 0) for row in group])
+        cells.append({"rates": rates, "order": order, "base": base[(concept, seed)]})
+    return cells
+
+
+def _choose(erasure: np.ndarray, usability: np.ndarray, order: np.ndarray, floor: float) -> int | None:
+    """:func:`coerasing.compare.select.choose_operating_point` on arrays: the strongest erasure within the floor,
+    ties to the earlier point; ``None`` where nothing qualifies (the fallback, not judged)."""
+    qualified = np.flatnonzero(usability >= floor - 1e-12)
+    if qualified.size == 0:
+        return None
+    return int(min(qualified, key=lambda i: (erasure[i], order[i])))
+
+
+def predicted_agreement(rows: Sequence[Mapping[str, str]], metrics: Sequence[Metric], sizes: Sequence[int],
+                        test_sizes: Sequence[int] | None = None, max_usability_drop: float = 0.05,
+                        repeats: int = 200, seed: int = 0) -> dict[str, float]:
+    """The mean selection agreement over ``repeats`` simulated runs (module docstring) with ``sizes`` images
+    per rule rate on validation (erasure rates, then the usability rate: 48/48/96 for the toy world's
+    explicit/implicit/unrelated) and ``test_sizes`` on test (default: the same). Returns the predicted share
+    and the judged cells per repeat."""
+    erasure_names, usability_names = rule_rates(metrics)
+    names = [*erasure_names, *usability_names]
+    if len(usability_names) != 1 or len(sizes) != len(names):
+        raise ValueError(f"sizes must give one count per rule rate ({'/'.join(names)}); got {list(sizes)}")
+    test_sizes = list(test_sizes or sizes)
+    cells = _cells(rows, names)
+    rng = np.random.default_rng(seed)
+    agree = judged = 0
+    for cell in cells:
+        rates, floor = cell["rates"], cell["base"] - max_usability_drop
+        for _ in range(repeats):
+            drawn = []
+            for counts in (sizes, test_sizes):
+                n = np.asarray(counts)
+                observed = rng.binomial(n, rates) / n
+                drawn.append((observed[:, :-1].mean(axis=1), observed[:, -1]))
+            chosen = _choose(*drawn[0], cell["order"], floor)
+            best = _choose(*drawn[1], cell["order"], floor)
+            if chosen is None or best is None:
+                continue
+            judged += 1
+            test_erasure = drawn[1][0]
+            agree += abs(test_erasure[chosen] - test_erasure[best]) <= AGREEMENT_TOLERANCE + 1e-12
+    return {"share": agree / judged if judged else float("nan"), "cells": judged / repeats if repeats else 0.0}
