@@ -236,8 +236,36 @@ def _chunks(files: list[Path], count: int) -> list[list[Path]]:
 STEREO_FILES = ("run.json", "stereo.json", "tokens", "round_*", "reo")
 
 
-def train_stereo(config: StereoConfig) -> Path:
-    """STE rounds, then REO (module docstring); returns the final ``unet.pth``. Resumable between rounds."""
+#: The settings that only REO reads: runs that differ in nothing else share one search (:meth:`Stereo.trace`).
+REO_SETTINGS = ("reo_iterations", "reo_lr", "reo_save_iter", "anchors", "anchor_weight", "negative_weight")
+
+
+def _take_search(source: Path, folder: Path, rounds: int) -> None:
+    """Copy a finished search's rounds and tokens from ``source`` into ``folder`` where they are missing, each
+    round as a whole (a temporary folder, then a rename), so a kill never leaves half a round."""
+    import shutil
+
+    for r in range(rounds):
+        round_dir, origin = folder / f"round_{r + 1}", source / f"round_{r + 1}"
+        if not (round_dir / "erase" / "unet.pth").exists():
+            partial = folder / f"round_{r + 1}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.rmtree(round_dir, ignore_errors=True)
+            shutil.copytree(origin, partial)
+            partial.rename(round_dir)
+        token = folder / "tokens" / f"stereo-{r + 1}.safetensors"
+        if not token.exists():
+            token.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / "tokens" / token.name, token.with_suffix(".partial"))
+            token.with_suffix(".partial").replace(token)
+
+
+def train_stereo(config: StereoConfig, search_only: bool = False, search_from: Path | None = None) -> Path:
+    """STE rounds, then REO (module docstring); returns the final ``unet.pth``. Resumable between rounds.
+
+    ``search_only``: stop after the rounds (returns the folder). ``search_from``: a finished search of the same
+    settings (all but :data:`REO_SETTINGS`) whose rounds and tokens are taken instead of searching again; the
+    REO that follows is the one a run from scratch would train (each stage seeds itself)."""
     config.validate()
     folder = config.run_folder()
     claim_run_folder(folder, "stereo", overwrite=config.overwrite and not config.resume, owned=STEREO_FILES,
@@ -258,6 +286,8 @@ def train_stereo(config: StereoConfig) -> Path:
                                  f"({', '.join(changed)}); resume with them or use another --save_path.")
     atomic_write_json(state_path, {"settings": fixed})
     write_run_json(folder, settings, "stereo", status="running")
+    if search_from is not None:
+        _take_search(Path(search_from), folder, config.rounds)
     frozen_device, _ = parse_devices(config.devices)
     images = list_image_files(config.image)
     chunks = _chunks(images, config.rounds)
@@ -292,6 +322,9 @@ def train_stereo(config: StereoConfig) -> Path:
             del pipe
         token_files.append(token_file)
     negatives = [config.concept, *(token_name(r) for r in range(config.rounds))]
+    if search_only:
+        write_run_json(folder, settings, "stereo", status="searched", negatives=negatives, initializer=initializer)
+        return folder
     reo_dir = folder / "reo"
     if not (reo_dir / "unet.pth").exists() or not (reo_dir / f"unet_{config.reo_iterations}.pth").exists():
         resume = (reo_dir / "train_state.pt").exists()
@@ -320,7 +353,8 @@ class Stereo(Method):
         return train_stereo(config)
 
     def trace(self, context: TraceContext) -> list[CurvePoint]:
-        """STEREO's curve: REO's periodic checkpoints (its search rounds are trained once per seed)."""
+        """STEREO's curve: REO's periodic checkpoints (its search rounds are trained once per seed and search
+        settings, whatever REO's)."""
         preset = dict(context.preset("stereo"))
         world = context.world()
         preset.setdefault("prompt", context.preset("stage1").get("prompt", context.concept))
@@ -328,10 +362,19 @@ class Stereo(Method):
                     "seed": context.seed}
         folder = context.run_folder("stereo", settings)
         config = StereoConfig(**settings, save_path=str(folder), devices=context.device)
+        # tuning candidates that differ only in REO's settings share one search (its own cached folder)
+        search = {key: value for key, value in settings.items() if key not in REO_SETTINGS}
+        search_folder = context.run_folder("stereo_search", search)
+
+        def search_work() -> None:
+            resume = (search_folder / "stereo.json").exists()
+            train_stereo(StereoConfig(**search, save_path=str(search_folder), devices=context.device,
+                                      resume=resume), search_only=True)
 
         def work() -> None:
+            context.once(search_folder, search, search_work)
             resume = (folder / "stereo.json").exists()
-            train_stereo(replace(config, resume=resume, overwrite=False))
+            train_stereo(replace(config, resume=resume, overwrite=False), search_from=search_folder)
 
         context.once(folder, settings, work)
         every, total = config.reo_save_iter, config.reo_iterations

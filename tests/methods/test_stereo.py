@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from coerasing.errors import CoErasingError
+from coerasing.methods import get_method
 from coerasing.methods.stereo import (
     StereoConfig,
     compositional_target,
@@ -81,3 +84,68 @@ def test_rounds_chain_resume_and_a_plain_unet(tiny_stack, reference_images, tmp_
         train_stereo(_config(tiny_stack, reference_images, part))
     with pytest.raises(CoErasingError, match="other settings"):
         train_stereo(_config(tiny_stack, reference_images, part, resume=True, reo_lr=2e-3))
+
+
+def test_a_shared_search_gives_the_weights_of_a_run_from_scratch(tiny_stack, reference_images, tmp_path):
+    """A run that takes its rounds from a search-only folder trains the REO a run from scratch trains."""
+    full = train_stereo(_config(tiny_stack, reference_images, tmp_path / "full", reo_lr=2e-3))
+    searched = train_stereo(_config(tiny_stack, reference_images, tmp_path / "search"), search_only=True)
+    assert searched == tmp_path / "search" and not (searched / "reo").exists()
+    assert json.loads((searched / "run.json").read_text())["status"] == "searched"
+    shared = train_stereo(_config(tiny_stack, reference_images, tmp_path / "shared", reo_lr=2e-3),
+                          search_from=searched)
+    assert sorted(p.name for p in (tmp_path / "shared" / "tokens").iterdir()) == ["stereo-1.safetensors",
+                                                                                  "stereo-2.safetensors"]
+    assert not list((tmp_path / "shared").glob("*.partial"))
+    a, b = torch.load(full, weights_only=True), torch.load(shared, weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _Context:
+    """The trace context of compare.py, cut to what STEREO's trace reads; ``once`` runs work once per folder."""
+
+    def __init__(self, root, presets) -> None:
+        self.concept, self.seed, self.device, self.root, self.presets = "circle", 0, "cpu", root, presets
+        self.done: set = set()
+
+    def preset(self, name):
+        return self.presets.get(name, {})
+
+    def world(self):
+        return {"ckpt_path": "base", "ip_adapter": "ip", "image_encoder_path": "enc"}
+
+    def references(self):
+        return self.root / "references"
+
+    def run_folder(self, kind, settings):
+        return self.root / kind / hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+    def once(self, folder, request, work):
+        if folder not in self.done:
+            work()
+            self.done.add(folder)
+
+
+def test_tuning_candidates_that_differ_only_in_reo_share_one_search(tmp_path, monkeypatch):
+    from coerasing.methods import stereo
+
+    calls = []
+
+    def fake_train(config, search_only=False, search_from=None):
+        calls.append((Path(config.save_path).parent.name, config.reo_lr, search_only, search_from))
+        return Path(config.save_path)
+
+    monkeypatch.setattr(stereo, "train_stereo", fake_train)
+    block = {"rounds": 2, "reo_iterations": 4, "reo_save_iter": 2}
+    context = _Context(tmp_path, {"stereo": block})
+    for lr in (1e-4, 5e-5):
+        context.presets["stereo"] = {**block, "reo_lr": lr}
+        points = get_method("stereo").trace(context)
+        assert [p.label for p in points] == ["reo2", "reo4"]
+    context.presets["stereo"] = {**block, "ste_lr": 1e-3}  # another search
+    get_method("stereo").trace(context)
+    searches = [call for call in calls if call[2]]
+    assert len(searches) == 2 and searches[0][1] == StereoConfig().reo_lr  # REO's settings are not the search's
+    runs = [call for call in calls if not call[2]]
+    assert [call[0] for call in runs] == ["stereo"] * 3 and runs[0][3] == runs[1][3] != runs[2][3]
+    assert runs[0][3].parent.name == "stereo_search" and [call[1] for call in runs[:2]] == [1e-4, 5e-5]
