@@ -44,6 +44,10 @@ SPLITS = ("validation", "test")
 TEXT_ATTACKS = ("ring_a_bell", "mma")
 #: A job record's key of each attack's result (UnlearnDiff's is ``attack``, its historical name).
 RECORD_KEYS = {"asr": "attack", "inversion": "inversion", **{name: name for name in ROBUSTNESS}}
+#: Bumped when a job record gains or changes a field (2: the base model's ``test_budget``), so that a rerun
+#: in an old output folder rebuilds its records (from the cached trainings and evaluations) instead of
+#: reporting from records without the field.
+RECORD_VERSION = 2
 
 
 class Context:
@@ -357,7 +361,8 @@ def run_job(config: CompareConfig, presets: dict[str, Any], concept: str, seed: 
 def job_key(config: CompareConfig, presets: dict[str, Any], methods: Sequence[str]) -> str:
     """A key of everything a job's record depends on besides its concept and seed."""
     protocol = make_protocol(config, presets, "cpu")
-    return key_of({"presets": presets, "methods": list(methods), "benchmark": protocol.evaluation_identity(),
+    return key_of({"record": RECORD_VERSION, "presets": presets, "methods": list(methods),
+                   "benchmark": protocol.evaluation_identity(),
                    "attack": not config.skip_attack,
                    **({"attacks": list(config.attack_names())} if config.attacks != "all" else {})})
 

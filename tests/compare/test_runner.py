@@ -317,6 +317,32 @@ def test_jobs_split_over_two_ranks_and_rank_zero_writes_the_results(fake, tmp_pa
     assert {r["timing"]["process"] for r in written["records"]} == {"1/2", "2/2"}
 
 
+def test_a_job_record_of_an_older_format_is_rebuilt_not_reused(fake, tmp_path, monkeypatch):
+    """A rerun reuses a finished job's record, unless the record format changed since (RECORD_VERSION)."""
+    import coerasing.compare as compare
+
+    fake(FakeProtocol())
+    ran: list[str] = []
+    real_run_job = runner.run_job
+
+    def counted(config, presets, concept, seed, methods, device, progress=None):
+        ran.append(concept)
+        return real_run_job(config, presets, concept, seed, methods, device, progress)
+
+    monkeypatch.setattr(runner, "run_job", counted)
+    monkeypatch.setattr(compare, "write_results", lambda *args: {"md": tmp_path / "results.md"})
+    presets = tmp_path / "presets.yaml"
+    presets.write_text(BLOCKS + "rule: {max_usability_drop: 0.05}\n")
+    config = CompareConfig(output_dir=str(tmp_path / "out"), presets=str(presets), concepts="circle",
+                           methods="esd", seeds="0", skip_attack=True, workers=1)
+    compare.run_comparison(config)
+    compare.run_comparison(config)
+    assert ran == ["circle"]  # the second run read the record
+    monkeypatch.setattr(runner, "RECORD_VERSION", runner.RECORD_VERSION + 1)
+    compare.run_comparison(config)
+    assert ran == ["circle", "circle"]  # a new format: the job ran again
+
+
 def test_gie_checkpoints_and_their_evaluation_keys_hold_no_training_seed(tmp_path):
     """GIE trains nothing: both seeds get the same artifacts, so their evaluations share one cache entry."""
     from coerasing.methods import get_method
