@@ -1,4 +1,5 @@
-"""How many images per split the selection agreement needs: a simulation from a run's validation rates.
+"""How many images and training seeds a comparison needs: the selection agreement simulated from a run's validation
+rates (`predicted_agreement`), and the training seed's share of a paired difference's noise (`seed_spread`).
 
 The selection agreement (:func:`coerasing.compare.report.agreement`) is limited by counting noise on both
 sides: the rule chooses on validation images, the test-best point is chosen on test images, and a point
@@ -97,3 +98,44 @@ def predicted_agreement(rows: Sequence[Mapping[str, str]], metrics: Sequence[Met
             test_erasure = drawn[1][0]
             agree += abs(test_erasure[chosen] - test_erasure[best]) <= AGREEMENT_TOLERANCE + 1e-12
     return {"share": agree / judged if judged else float("nan"), "cells": judged / repeats if repeats else 0.0}
+
+
+def seed_spread(rows: Sequence[Mapping[str, str]], reference: str, other: str, metric: str,
+                usability: str = "unrelated", max_usability_drop: float = 0.05) -> dict[str, float] | None:
+    """How much the training seed moves a paired difference, against what counting noise alone would.
+
+    For each concept, the test-rate difference ``reference − other`` at the chosen points (rows with
+    ``chosen`` true, fallback points left out as the verdicts leave them out: validation ``usability``
+    below the floor) of every seed where both methods have one: its variance over seeds (the training
+    seed's effect, the choice of checkpoint with it, plus counting noise), and the counting noise that
+    independent binomial counts of that size would give, ``p(1−p)/n`` of each method summed (an upper
+    bound for paired images). Both are averaged over concepts with at least two seeds. A spread well above
+    the counting noise is noise that only more training seeds average away: the interval of a mean over
+    ``S`` seeds narrows as ``1/√S`` in it. ``None`` where no concept has two seeds of both methods.
+    """
+    floor = {(row["concept"], row["seed"]): float(row.get(f"budget_{usability}_rate")
+                                                  or row[f"validation_{usability}_rate"]) - max_usability_drop
+             for row in rows if row["method"] == "base"}
+    chosen: dict[tuple[str, str], dict[str, tuple[float, int]]] = defaultdict(dict)
+    for row in rows:
+        if row["method"] == "base" or str(row.get("chosen")).lower() != "true":
+            continue
+        if float(row[f"validation_{usability}_rate"]) < floor[(row["concept"], row["seed"])] - 1e-12:
+            continue  # the rule's fallback: not in the headline, not in a verdict
+        if row.get(f"test_{metric}_rate"):
+            chosen[(row["concept"], row["method"])][row["seed"]] = (
+                float(row[f"test_{metric}_rate"]), int(row[f"test_{metric}_n"]))
+    between, counting = [], []
+    for concept in sorted({concept for concept, _ in chosen}):
+        a, b = chosen.get((concept, reference), {}), chosen.get((concept, other), {})
+        seeds = sorted(set(a) & set(b))
+        if len(seeds) < 2:
+            continue
+        differences = [a[s][0] - b[s][0] for s in seeds]
+        between.append(float(np.var(differences, ddof=1)))
+        counting.append(float(np.mean([p * (1 - p) / n + q * (1 - q) / m for (p, n), (q, m) in
+                                       ((a[s], b[s]) for s in seeds)])))
+    if not between:
+        return None
+    return {"between_sd": float(np.sqrt(np.mean(between))), "counting_sd": float(np.sqrt(np.mean(counting))),
+            "concepts": len(between)}

@@ -8,7 +8,7 @@ import io
 
 import pytest
 
-from coerasing.compare.power import predicted_agreement
+from coerasing.compare.power import predicted_agreement, seed_spread
 from coerasing.compare.protocols import ToyProtocol
 
 from ..conftest import REPO_ROOT
@@ -72,3 +72,49 @@ def test_the_script_prints_a_row_per_size_and_refuses_a_missing_file(tmp_path, c
     assert lines[2].startswith("| 8/8/16 | 8/8/16 | 32 | 100 % |") and lines[3].startswith("| 64/64/128 |")
     assert module.run_cli(module.main, [str(tmp_path / "missing.csv")]) == 2
     assert "is not a file" in capsys.readouterr().err
+
+
+def _chosen_rows(differences: list[float], n: int = 400, fallback_seed: str | None = None) -> list[dict]:
+    """Two methods at their chosen points on two concepts, one row per seed; ``a`` − ``b`` on explicit is the
+    seed's entry of ``differences`` (the same on both concepts)."""
+    rows = []
+    for concept in ("circle", "star"):
+        for seed, difference in enumerate(differences):
+            base = {"concept": concept, "seed": str(seed), "chosen": "True", "test_explicit_n": str(n)}
+            rows.append({**base, "method": "base", "validation_unrelated_rate": "0.95"})
+            usable = "0.50" if str(seed) == fallback_seed else "0.94"
+            rows.append({**base, "method": "a", "validation_unrelated_rate": usable,
+                         "test_explicit_rate": str(0.5 + difference / 2)})
+            rows.append({**base, "method": "b", "validation_unrelated_rate": "0.94",
+                         "test_explicit_rate": str(0.5 - difference / 2)})
+    return rows
+
+
+def test_seed_spread_tells_the_training_seeds_noise_from_counting_noise():
+    steady = seed_spread(_chosen_rows([0.2, 0.2, 0.2]), "a", "b", "explicit")
+    assert steady["between_sd"] < 1e-9 and steady["concepts"] == 2
+    assert abs(steady["counting_sd"] - (2 * 0.6 * 0.4 / 400) ** 0.5) < 1e-9  # p(1−p)/n of both methods
+    moving = seed_spread(_chosen_rows([0.0, 0.2, 0.4]), "a", "b", "explicit")
+    assert abs(moving["between_sd"] - 0.2) < 1e-9 and moving["between_sd"] > 5 * moving["counting_sd"]
+    # a fallback point is left out, as in the verdicts: seed 2's 0.4 goes, the spread of 0.0 and 0.2 stays
+    dropped = seed_spread(_chosen_rows([0.0, 0.2, 0.4], fallback_seed="2"), "a", "b", "explicit")
+    assert abs(dropped["between_sd"] - 0.02 ** 0.5) < 1e-9  # the sd of (0, 0.2)
+    assert seed_spread(_chosen_rows([0.1]), "a", "b", "explicit") is None  # one seed: nothing to say
+
+
+def test_the_seed_spread_script_prints_a_row_per_method_and_rate(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("seed_spread", REPO_ROOT / "scripts" / "seed_spread.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = _chosen_rows([0.0, 0.2, 0.4])
+    path = tmp_path / "results.csv"
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=sorted({key for row in rows for key in row}))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert module.run_cli(module.main, [str(path), "--reference", "a"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "| b | explicit | 20.0 | 3.4 | 2 |"  # implicit and unrelated have no test rates here
+    assert module.run_cli(module.main, [str(path), "--reference", "nobody"]) == 2
+    captured = capsys.readouterr()
+    assert "no concept with two" in captured.err and not captured.out

@@ -144,3 +144,11 @@ def test_an_unknown_toy_concept_fails_before_training(tmp_path, capsys):
 def test_presets_from_config_object():
     presets = CompareConfig(quick=True).load_presets()
     assert presets["concepts"] == "circle" and presets["evaluation"]["explicit_images"] == 8
+
+
+def test_the_default_comparison_has_five_training_seeds_and_a_flag_or_preset_overrides_them():
+    config = CompareConfig()
+    presets = config.load_presets()
+    assert config.lists(presets)[2] == [0, 1, 2, 3, 4]
+    assert CompareConfig(seeds="0,1,2").lists(presets)[2] == [0, 1, 2]
+    assert config.lists({**presets, "seeds": "7"})[2] == [7]
