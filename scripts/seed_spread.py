@@ -40,8 +40,13 @@ def main(argv: list[str] | None = None) -> None:
     rows = list(csv.DictReader(path.open(encoding="utf-8")))
     methods = list(dict.fromkeys(row["method"] for row in rows if row["method"] not in ("base", args.reference)))
     erasure, usability = rule_rates(ToyProtocol.metrics)
-    table = [(other, metric, seed_spread(rows, args.reference, other, metric))
-             for other in methods for metric in (*erasure, *usability)]
+    try:
+        table = [(other, metric, seed_spread(rows, args.reference, other, metric))
+                 for other in methods for metric in (*erasure, *usability)]
+    except (KeyError, ValueError) as error:
+        raise CoErasingError(f"{path} cannot be read as a comparison's results ({error!r} missing or malformed). "
+                             "It must be a toy-world results.csv from compare.py, with the base model's rows "
+                             "for every training seed.") from None
     table = [(other, metric, spread) for other, metric, spread in table if spread is not None]
     if not table:
         raise CoErasingError(f"{path} has no concept with two training seeds of {args.reference!r} and another "
