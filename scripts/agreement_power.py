@@ -13,14 +13,13 @@ agreement.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from coerasing.cli import run_cli  # noqa: E402
-from coerasing.compare.power import predicted_agreement  # noqa: E402
+from coerasing.compare.power import predicted_agreement, read_results_csv  # noqa: E402
 from coerasing.compare.protocols import ToyProtocol  # noqa: E402
 from coerasing.errors import CoErasingError  # noqa: E402
 
@@ -51,10 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     path = Path(args.results_csv)
-    if not path.is_file():
-        raise CoErasingError(f"{path} is not a file. Pass the results.csv that compare.py wrote into its "
-                             "--output_dir (for example docs/results/candidates_large/results.csv).")
-    rows = list(csv.DictReader(path.open(encoding="utf-8")))
+    rows = read_results_csv(path, "docs/results/candidates_large/results.csv")
     names = "/".join(m.name for m in ToyProtocol.metrics if m.rule and m.percent)
     print(f"| {names} (validation) | test | images per checkpoint and split | predicted agreement | cells |")
     print("|---|---|---|---|---|")

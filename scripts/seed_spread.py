@@ -12,14 +12,13 @@ not narrow the verdicts' intervals; more training seeds do (as 1/√seeds).
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from coerasing.cli import run_cli  # noqa: E402
-from coerasing.compare.power import rule_rates, seed_spread  # noqa: E402
+from coerasing.compare.power import read_results_csv, rule_rates, seed_spread  # noqa: E402
 from coerasing.compare.protocols import ToyProtocol  # noqa: E402
 from coerasing.errors import CoErasingError  # noqa: E402
 
@@ -34,10 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     path = Path(args.results_csv)
-    if not path.is_file():
-        raise CoErasingError(f"{path} is not a file. Pass the results.csv that compare.py wrote into its "
-                             "--output_dir (for example docs/results/results.csv).")
-    rows = list(csv.DictReader(path.open(encoding="utf-8")))
+    rows = read_results_csv(path, "docs/results/results.csv")
     methods = list(dict.fromkeys(row["method"] for row in rows if row["method"] not in ("base", args.reference)))
     erasure, usability = rule_rates(ToyProtocol.metrics)
     try:

@@ -19,14 +19,26 @@ agreement can fall short of the prediction.
 
 from __future__ import annotations
 
+import csv
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..errors import CoErasingError
 from .metrics import Metric
 from .select import AGREEMENT_TOLERANCE
+
+
+def read_results_csv(path: Path, example: str) -> list[dict[str, str]]:
+    """The rows of a comparison's ``results.csv``; a missing file is a one-paragraph error naming ``example``."""
+    if not path.is_file():
+        raise CoErasingError(f"{path} is not a file. Pass the results.csv that compare.py wrote into its "
+                             f"--output_dir (for example {example}).")
+    with path.open(encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
 
 
 def rule_rates(metrics: Sequence[Metric]) -> tuple[list[str], list[str]]:
