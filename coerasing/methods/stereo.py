@@ -32,6 +32,7 @@ prompts of our own (the code's anchors contain the concept in context; docs/base
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -243,8 +244,6 @@ REO_SETTINGS = ("reo_iterations", "reo_lr", "reo_save_iter", "anchors", "anchor_
 def _take_search(source: Path, folder: Path, rounds: int) -> None:
     """Copy a finished search's rounds and tokens from ``source`` into ``folder`` where they are missing, each
     round as a whole (a temporary folder, then a rename), so a kill never leaves half a round."""
-    import shutil
-
     for r in range(rounds):
         round_dir, origin = folder / f"round_{r + 1}", source / f"round_{r + 1}"
         if not (round_dir / "erase" / "unet.pth").exists():
