@@ -34,6 +34,23 @@ def rate(successes: int, n: int) -> dict[str, float | int]:
     return {"k": int(successes), "n": int(n), "rate": successes / n if n else float("nan"), "low": low, "high": high}
 
 
+def difference_interval(k1: int, n1: int, k2: int, n2: int, z: float = Z95) -> tuple[float, float]:
+    """95 % interval of ``k1/n1 − k2/n2`` for two independent binomial rates (Newcombe's hybrid score method,
+    Stat. Med. 1998, method 10: each rate's Wilson interval, combined by squared distances).
+
+    Stays inside [−1, 1] and behaves at 0 of n, where the normal approximation collapses to a point.
+    """
+    if n1 <= 0 or n2 <= 0:
+        return float("nan"), float("nan")
+    p1, p2 = k1 / n1, k2 / n2
+    low1, high1 = wilson_interval(k1, n1, z)
+    low2, high2 = wilson_interval(k2, n2, z)
+    difference = p1 - p2
+    low = difference - math.sqrt((p1 - low1) ** 2 + (high2 - p2) ** 2)
+    high = difference + math.sqrt((high1 - p1) ** 2 + (p2 - low2) ** 2)
+    return max(-1.0, low), min(1.0, high)
+
+
 def _sqrtm_psd(matrix: np.ndarray) -> np.ndarray:
     """Square root of a symmetric positive semi-definite matrix (eigendecomposition, negatives clipped)."""
     values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
