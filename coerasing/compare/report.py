@@ -5,7 +5,9 @@ Every metric column comes from the protocol's declarations (:class:`~coerasing.c
 
 - ``results.csv``: one row per concept × method × seed × checkpoint (and the base model), with every
   metric on the validation and on the test prompts (a rate: ``<split>_<name>_rate``, ``_k``, ``_n``;
-  a score: ``<split>_<name>``), whether the row is the chosen operating point, and the tuning candidate
+  a score: ``<split>_<name>``), whether the row is the chosen operating point, whether a chosen point is
+  within the usability budget (``qualified``: ``False`` for the rule's fallback, empty on other rows; the
+  headline means of ``results.md`` are over the chosen rows with ``True``), and the tuning candidate
   (``candidate``: its index in the presets' ``candidates`` list, 0 for the base presets) that made it
   (no such column for records made before candidates existed, such as docs/results/); when the run
   attacked, ``attack_<name>_rate/_k/_n`` per attack column at the chosen points and the base model.
@@ -105,15 +107,16 @@ def csv_rows(records: Sequence[dict[str, Any]], metrics: Sequence[Metric]) -> li
     attacked = any(_attacks(record["base"]) for record in records)  # attack columns only when a run attacked
     for record in records:
         concept, seed = record["concept"], record["seed"]
-        points = [("base", "base", 0.0, record["base"], True, None, record["base"])]
+        points = [("base", "base", 0.0, record["base"], True, True, None, record["base"])]
         for name, method in record["methods"].items():
             for point in method["points"]:
                 chosen = point["label"] == method["chosen"]["label"]
-                points.append((name, point["label"], point["strength"], point, chosen, point.get("candidate", 0),
-                               method if chosen else {}))
-        for name, label, strength, entry, chosen, candidate, source in points:
+                qualified = bool(method["chosen"].get("qualified", True)) if chosen else None
+                points.append((name, point["label"], point["strength"], point, chosen, qualified,
+                               point.get("candidate", 0), method if chosen else {}))
+        for name, label, strength, entry, chosen, qualified, candidate, source in points:
             row: dict[str, Any] = {"concept": concept, "method": name, "seed": seed, "checkpoint": label,
-                                   "strength": strength, "chosen": chosen,
+                                   "strength": strength, "chosen": chosen, "qualified": qualified,
                                    **({"candidate": candidate} if candidates else {})}
             for split in SPLITS:
                 values = entry[split]["metrics"] if split in entry else {}  # test_evaluation: chosen

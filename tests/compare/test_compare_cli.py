@@ -32,6 +32,8 @@ def test_quick_comparison_writes_every_output_and_resumes_only_what_is_missing(t
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert {r["method"] for r in rows} == {"base", "esd", "coerasing"}
     assert sum(r["chosen"] == "True" for r in rows if r["method"] != "base") == 2
+    # in budget or the rule's fallback, at the chosen points only; the same as results.json says
+    assert all((r["qualified"] in ("True", "False")) == (r["chosen"] == "True") for r in rows)
     assert all(r["validation_unrelated_n"] == "16" for r in rows)
     # test images only at the base model and the chosen checkpoints (the presets' test_evaluation: chosen)
     assert all(r["test_explicit_n"] == ("8" if r["chosen"] == "True" else "") for r in rows)
@@ -40,6 +42,8 @@ def test_quick_comparison_writes_every_output_and_resumes_only_what_is_missing(t
     attack = cell["with_fallback"]["asr"]  # every cell, whether or not its point is the rule's fallback
     assert attack["n"] == 1 and 0 <= attack["mean"] <= 1 and cell["cells"] == 1
     assert ("asr" in cell) == (cell["fallback"] == 0)  # the headline holds only cells with a point in budget
+    chosen_row = next(r for r in rows if r["method"] == "coerasing" and r["chosen"] == "True")
+    assert chosen_row["qualified"] == str(cell["chosen"][0]["qualified"])
     assert results["verdicts"]["reference"] == "coerasing" and "esd" in results["verdicts"]["against"]
     # --quick trains one candidate per method (the base presets): candidate 0 everywhere, declared as such
     assert results["machine"]["cpu"] and results["machine"]["versions"]["torch"]  # what made the numbers

@@ -204,7 +204,7 @@ def test_report_columns_come_from_the_declarations(fake, tmp_path):
     fake(FakeProtocol(lambda s: {"explicit": counted, "unrelated": counted}, metrics=metrics))
     records = [runner.run_job(_config(tmp_path), {}, "circle", seed, ["a"], "cpu") for seed in (0, 1)]
     rows = csv_rows(records, metrics)
-    assert list(rows[0]) == ["concept", "method", "seed", "checkpoint", "strength", "chosen", "candidate",
+    assert list(rows[0]) == ["concept", "method", "seed", "checkpoint", "strength", "chosen", "qualified", "candidate",
                              *(f"{split}_{name}" for split in ("validation", "test")
                                for name in ("explicit_rate", "explicit_k", "explicit_n", "unrelated_rate",
                                             "unrelated_k", "unrelated_n", "sharpness"))]
@@ -218,7 +218,7 @@ def test_report_columns_come_from_the_declarations(fake, tmp_path):
             in text)
     assert "| 20.0 ± 0.0 |" in text  # the chosen point s2 of both seeds, with the declared one decimal
     assert "| a | 2/2 | 50.0 | 50.0 | 20.0 | – | – | – |" in text  # the average over concepts
-    assert len(csv_rows(records, (EXPLICIT,))[0]) == 7 + 2 * 3  # a declaration fewer: its columns are gone
+    assert len(csv_rows(records, (EXPLICIT,))[0]) == 8 + 2 * 3  # a declaration fewer: its columns are gone
 
 
 def test_chosen_plan_makes_test_images_only_at_chosen_points_and_the_report_copes(fake, tmp_path):
