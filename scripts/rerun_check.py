@@ -18,7 +18,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from coerasing.cli import run_cli  # noqa: E402
-from coerasing.compare.rerun import chosen_changes, count_differences, read_results_json, verdict_changes  # noqa: E402
+from coerasing.compare.rerun import (  # noqa: E402
+    chosen_changes,
+    count_differences,
+    read_results_json,
+    shared_concepts,
+    verdict_changes,
+)
 from coerasing.errors import CoErasingError  # noqa: E402
 
 
@@ -37,6 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     shipped, rerun = read_results_json(Path(args.shipped)), read_results_json(Path(args.rerun))
     counts = count_differences(shipped, rerun)
+    concepts = shared_concepts(shipped, rerun)
+    print(f"Concepts compared: {', '.join(concepts) or 'none'}.\n")
     if not counts:
         raise CoErasingError(f"{args.shipped} and {args.rerun} share no method with pooled counts. Pass two runs "
                              "of the same presets, methods and concepts.")

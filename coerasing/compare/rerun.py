@@ -12,13 +12,16 @@ state". This module makes that a check a reader can repeat (``scripts/rerun_chec
   counts, about 5 % fall outside by chance alone even when nothing changed: the summary says how many.
 - **Chosen points** (:func:`chosen_changes`): per concept, method and seed, the checkpoint the rule chose
   in each run and whether it was within the usability budget.
-- **Verdicts** (:func:`verdict_changes`): every paired verdict of each run's reference methods, side by side.
+- **Verdicts** (:func:`verdict_changes`): every paired verdict of each run's reference methods, side by side
+  (over each run's own concepts: when a rerun covers fewer concepts, its verdicts pool fewer).
+
+A rerun of some of the concepts is compared on the concepts both runs report (:func:`shared_concepts`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +45,18 @@ def read_results_json(path: Path) -> dict[str, Any]:
     return results
 
 
-def pooled_counts(results: Mapping[str, Any], method: str) -> dict[str, tuple[int, int]]:
-    """``{rate name: (k, n)}`` of ``method`` summed over the run's concepts (fallback points included)."""
+def shared_concepts(shipped: Mapping[str, Any], rerun: Mapping[str, Any]) -> list[str]:
+    """The concepts both runs report, in the shipped run's order (a rerun of some concepts is compared on those)."""
+    return [c for c in shipped["summary"]["concepts"] if c in rerun["summary"]["concepts"]]
+
+
+def pooled_counts(results: Mapping[str, Any], method: str,
+                  concepts: Sequence[str] | None = None) -> dict[str, tuple[int, int]]:
+    """``{rate name: (k, n)}`` of ``method`` summed over ``concepts`` (default: the run's; fallback points
+    included)."""
     summary = results["summary"]
     counts: dict[str, tuple[int, int]] = {}
-    for concept in summary["concepts"]:
+    for concept in summary["concepts"] if concepts is None else concepts:
         block = summary["per_concept"][concept].get(method, {}).get("with_fallback", {})
         for key, value in block.items():
             if key.endswith(POOLED) and value and value.get("n"):
@@ -62,11 +72,12 @@ def _methods(shipped: Mapping[str, Any], rerun: Mapping[str, Any]) -> list[str]:
 
 
 def count_differences(shipped: Mapping[str, Any], rerun: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Per method and pooled rate of both runs: both counts, the difference (rerun − shipped), its 95 %
-    interval and whether the interval covers zero (``within``)."""
+    """Per method and pooled rate of both runs, over the concepts both report: both counts, the difference
+    (rerun − shipped), its 95 % interval and whether the interval covers zero (``within``)."""
     rows = []
+    concepts = shared_concepts(shipped, rerun)
     for method in _methods(shipped, rerun):
-        old, new = pooled_counts(shipped, method), pooled_counts(rerun, method)
+        old, new = pooled_counts(shipped, method, concepts), pooled_counts(rerun, method, concepts)
         for name in [n for n in old if n in new]:
             (k1, n1), (k2, n2) = new[name], old[name]
             low, high = difference_interval(k1, n1, k2, n2)

@@ -60,6 +60,11 @@ def test_counts_are_pooled_over_concepts_and_compared_with_their_noise():
     assert set(rows) == {("base", "explicit"), ("base", "asr"), ("m", "explicit"), ("m", "asr")}
     assert rows[("m", "explicit")]["rerun"] == (7, 32) and rows[("m", "explicit")]["within"]
     assert rows[("m", "explicit")]["difference"] == pytest.approx(1 / 32)
+    part = copy.deepcopy(near)  # a rerun of concept a only: compared on a alone
+    part["summary"]["concepts"] = ["a"]
+    del part["summary"]["per_concept"]["b"]
+    rows = {(r["method"], r["metric"]): r for r in count_differences(shipped, part)}
+    assert (rows[("m", "explicit")]["shipped"], rows[("m", "explicit")]["rerun"]) == ((2, 16), (3, 16))
     far = _results({"a": (16, 16), "b": (15, 16)}, {"a": "it100", "b": "it200"}, "better")
     row = next(r for r in count_differences(shipped, far) if (r["method"], r["metric"]) == ("m", "explicit"))
     assert not row["within"] and row["low"] > 0
@@ -86,6 +91,7 @@ def test_the_script_reports_a_shipped_run_against_itself_and_refuses_a_csv(tmp_p
     (tmp_path / "b.json").write_text(json.dumps(rerun), encoding="utf-8")
     assert module.run_cli(module.main, [str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
     out = capsys.readouterr().out
+    assert out.startswith("Concepts compared: a, b.")
     assert "| m | explicit | 18.8 (6/32) | 56.2 (18/32) |" in out and "**no**" in out
     assert out.strip().endswith("3 of 4 pooled counts within noise (1 outside; 0.2 expected by chance); chosen "
                                 "points the same in 2 of 2 cells (*: fallback); verdicts the same in 1 of 1.")
