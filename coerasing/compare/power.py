@@ -112,18 +112,28 @@ def predicted_agreement(rows: Sequence[Mapping[str, str]], metrics: Sequence[Met
     return {"share": agree / judged if judged else float("nan"), "cells": judged / repeats if repeats else 0.0}
 
 
+def _fallback(row: Mapping[str, str], floor: float, usability: str) -> bool:
+    """Whether a chosen point is the rule's fallback: the run's own ``qualified`` column where it has one
+    (results.csv since it was added), else recomputed from validation ``usability`` against ``floor``."""
+    qualified = str(row.get("qualified") or "").lower()
+    if qualified in ("true", "false"):
+        return qualified == "false"
+    return float(row[f"validation_{usability}_rate"]) < floor - 1e-12
+
+
 def seed_spread(rows: Sequence[Mapping[str, str]], reference: str, other: str, metric: str,
                 usability: str = "unrelated", max_usability_drop: float = 0.05) -> dict[str, float] | None:
     """How much the training seed moves a paired difference, against what counting noise alone would.
 
     For each concept, the test-rate difference ``reference − other`` at the chosen points (rows with
-    ``chosen`` true, fallback points left out as the verdicts leave them out: validation ``usability``
-    below the floor) of every seed where both methods have one: its variance over seeds (the training
-    seed's effect, the choice of checkpoint with it, plus counting noise), and the counting noise that
-    independent binomial counts of that size would give, ``p(1−p)/n`` of each method summed (an upper
-    bound for paired images). Both are averaged over concepts with at least two seeds. A spread well above
-    the counting noise is noise that only more training seeds average away: the interval of a mean over
-    ``S`` seeds narrows as ``1/√S`` in it. ``None`` where no concept has two seeds of both methods.
+    ``chosen`` true, fallback points left out as the verdicts leave them out: the run's ``qualified``
+    column where it has one, else validation ``usability`` below the floor) of every seed where both
+    methods have one: its variance over seeds (the training seed's effect, the choice of checkpoint with
+    it, plus counting noise), and the counting noise that independent binomial counts of that size would
+    give, ``p(1−p)/n`` of each method summed (an upper bound for paired images). Both are averaged over
+    concepts with at least two seeds. A spread well above the counting noise is noise that only more
+    training seeds average away: the interval of a mean over ``S`` seeds narrows as ``1/√S`` in it.
+    ``None`` where no concept has two seeds of both methods.
     """
     floor = {(row["concept"], row["seed"]): float(row.get(f"budget_{usability}_rate")
                                                   or row[f"validation_{usability}_rate"]) - max_usability_drop
@@ -132,7 +142,7 @@ def seed_spread(rows: Sequence[Mapping[str, str]], reference: str, other: str, m
     for row in rows:
         if row["method"] == "base" or str(row.get("chosen")).lower() != "true":
             continue
-        if float(row[f"validation_{usability}_rate"]) < floor[(row["concept"], row["seed"])] - 1e-12:
+        if _fallback(row, floor[(row["concept"], row["seed"])], usability):
             continue  # the rule's fallback: not in the headline, not in a verdict
         if row.get(f"test_{metric}_rate"):
             chosen[(row["concept"], row["method"])][row["seed"]] = (

@@ -102,6 +102,16 @@ def test_seed_spread_tells_the_training_seeds_noise_from_counting_noise():
     assert seed_spread(_chosen_rows([0.1]), "a", "b", "explicit") is None  # one seed: nothing to say
 
 
+def test_seed_spread_reads_the_runs_qualified_column_where_it_has_one():
+    marked = _chosen_rows([0.0, 0.2, 0.4])
+    for row in marked:
+        if row["method"] != "base":  # the run's word wins over the recomputed floor, both ways
+            row["qualified"] = "False" if row["seed"] == "2" else "True"
+            row["validation_unrelated_rate"] = "0.10"
+    spread = seed_spread(marked, "a", "b", "explicit")
+    assert abs(spread["between_sd"] - 0.02 ** 0.5) < 1e-9  # seed 2 left out; the 0.10 rates not read
+
+
 def test_the_seed_spread_script_prints_a_row_per_method_and_rate(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("seed_spread", REPO_ROOT / "scripts" / "seed_spread.py")
     module = importlib.util.module_from_spec(spec)
