@@ -2,11 +2,15 @@
 #            end on the trained toy-world model shipped in coerasing/assets/toy_world (no download).
 # make test: install into .venv, then run the whole test suite (what CI and newcomers run).
 # make test-fast: the inner loop: every test not marked slow.
+# Tests run in parallel worker processes (pytest-xdist, one torch thread each): one per core, at most
+# 4 (TEST_WORKERS=0: all in this one process); whole modules, longest first (tests/conftest.py).
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
 DEMO   ?= outputs/demo
+TEST_WORKERS ?= auto
+XDIST   = -n $(TEST_WORKERS) --maxprocesses 4 --dist loadscope --no-loadscope-reorder
 export HF_HUB_OFFLINE = 1
 export PYTHONUNBUFFERED = 1
 
@@ -21,10 +25,10 @@ $(STAMP): requirements.txt
 	rm -f $(VENV)/.installed-* && touch $@
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q $(XDIST) -m "not slow"
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -58,3 +58,16 @@ def reference_images(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("reference_images")
     make_reference_images(folder, 6)
     return folder
+
+
+def _expected_minutes(item: pytest.Item) -> float:
+    """The rough duration a test declares with ``@pytest.mark.slow(minutes=N)``; other slow tests 0.5, the rest 0."""
+    marker = item.get_closest_marker("slow")
+    return 0.0 if marker is None else float(marker.kwargs.get("minutes", 0.5))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest tests first (a stable sort: collection order otherwise). ``make test`` hands whole modules to
+    its parallel workers in this order, so the few minute-long end-to-end tests start at once on
+    different workers instead of finishing last on one."""
+    items.sort(key=lambda item: -_expected_minutes(item))

@@ -145,7 +145,7 @@ def test_bf16_loss_within_documented_tolerance_of_fp32(tiny_stack, reference_ima
     assert bf16 != fp32  # it really ran in bf16
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=2)  # torch.compile's first, uncached compile
 def test_compile_matches_the_eager_loop(tiny_stack, reference_images, tmp_path):
     """--compile: same losses as eager up to rounding, and the compiled calls see weight updates."""
     from coerasing.train import Eraser

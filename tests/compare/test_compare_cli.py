@@ -24,6 +24,7 @@ def _compare(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow(minutes=1.5)
 def test_quick_comparison_writes_every_output_and_resumes_only_what_is_missing(tmp_path):
     out = tmp_path / "quick"
     _compare("--quick", "--output_dir", str(out))

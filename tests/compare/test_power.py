@@ -127,4 +127,4 @@ def test_the_seed_spread_script_prints_a_row_per_method_and_rate(tmp_path, capsy
     assert lines[2] == "| b | explicit | 20.0 | 3.4 | 2 |"  # implicit and unrelated have no test rates here
     assert module.run_cli(module.main, [str(path), "--reference", "nobody"]) == 2
     captured = capsys.readouterr()
-    assert "no concept with two" in captured.err and not captured.out
+    assert "no concept with two" in " ".join(captured.err.split()) and not captured.out

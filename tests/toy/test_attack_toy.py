@@ -20,7 +20,7 @@ def _run(args: list[str]) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=3)
 def test_attack_revives_the_concept_on_a_weakly_erased_toy_model(tmp_path):
     model = str(TOY_MODEL_DIR)
     _run(["erase_pipeline.py", "--modality", "text", "--prompt", "circle", "--train_method", "noxattn",

@@ -47,7 +47,7 @@ def test_demo_presets_chain_stage_1_into_stage_2(tmp_path):
     assert all((REPO_ROOT / c).is_file() for c in ("configs/toy/circle_text.yaml", "configs/toy/circle_image.yaml"))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=4)
 def test_demo_erases_the_concept_and_keeps_unrelated_prompts(tmp_path):
     report = json.loads(run_demo(tmp_path / "demo").read_text())
     base, text, image = (report["models"][name] for name in ("base", "text", "image"))
