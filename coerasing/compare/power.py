@@ -14,7 +14,10 @@ predicts the agreement that evaluation sets of given sizes would reach, before p
    rate), and the cell agrees when the two points' drawn test scores are within the tolerance.
 
 Both splits are assumed to share the true rates; the caption sets differ in a real run, so a measured
-agreement can fall short of the prediction.
+agreement can fall short of the prediction. The run's validation rates carry counting noise of their own,
+which spreads its checkpoints apart and makes them look easier to tell apart: a prediction from a run with
+few images reads optimistic (docs/comparison.md §11: for the same sizes, 83 % from a run's 48-image rates,
+68 % from its 96-image rates).
 """
 
 from __future__ import annotations
